@@ -1,0 +1,20 @@
+"""`python -m dpo_sweep [overrides] [-m]`: the Hydra entry point."""
+
+import hydra
+from omegaconf import DictConfig
+
+from dpo_sweep.config import register
+from dpo_sweep.paths import conf_dir
+
+register()
+
+
+@hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from dpo_sweep.run import run_trial  # heavy imports after Hydra has parsed the command line
+
+    return run_trial(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""The training loop: steps, accumulation, clipping, schedule, autocast, eval.
+
+B pairs per micro-batch; each batch holds 2B sequences (chosen rows, then rejected rows) that go
+through the policy in one forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from dpo_sweep.data import Pair, batch_indices, collate
+from dpo_sweep.logprobs import sequence_logps
+from dpo_sweep.losses import LOSSES, reward_metrics
+
+log = logging.getLogger(__name__)
+Tensor = torch.Tensor
+EvalCallback = Callable[[int, Dict[str, float]], None]  # (step, eval metrics); may raise to stop
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient); the message says where."""
+
+
+@dataclass
+class DPOObjective:
+    """What turns a batch into per-pair losses: the loss function and its settings."""
+
+    beta: float
+    loss_name: str
+    label_smoothing: float
+    length_normalize: bool
+
+    def __call__(self, policy: PreTrainedModel, reference, batch: Dict[str, Tensor], split: str,
+                 idx: Sequence[int]) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Per-pair losses (B,) and per-pair metrics, each (B,)."""
+        logps, counts = sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        B = logps.shape[0] // 2
+        ref_chosen, ref_rejected, ref_chosen_n, ref_rejected_n = reference.logps(batch, split, idx)
+        chosen, rejected = logps[:B], logps[B:]
+        ref_chosen, ref_rejected = ref_chosen.float(), ref_rejected.float()
+        if self.length_normalize:
+            chosen, rejected = chosen / counts[:B], rejected / counts[B:]
+            ref_chosen, ref_rejected = ref_chosen / ref_chosen_n, ref_rejected / ref_rejected_n
+        losses, chosen_rewards, rejected_rewards = LOSSES[self.loss_name](
+            chosen, rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing
+        )
+        return losses, reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+
+
+def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup from 0, then
+    constant, linear decay to 0, or cosine decay to 0 at `total`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))  # cosine
+
+
+def build_optimizer(model: PreTrainedModel, cfg: DictConfig) -> torch.optim.Optimizer:
+    """AdamW; biases and norm weights (1-d tensors) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def _mean(values: List[Dict[str, Tensor]]) -> Dict[str, float]:
+    """Average per-pair metrics over all pairs of several batches."""
+    keys = values[0].keys()
+    return {k: torch.cat([v[k].detach().float().flatten() for v in values]).mean().item() for k in keys}
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        policy: PreTrainedModel,
+        reference,
+        train_pairs: List[Pair],
+        eval_pairs: List[Pair],
+        pad_id: int,
+        device: torch.device,
+        autocast: Callable[[], ContextManager],
+        log_metrics: Callable[[Dict[str, float], int], None] = lambda m, s: None,
+        on_eval: Sequence[EvalCallback] = (),
+    ):
+        self.cfg, self.t = cfg, cfg.train
+        self.policy, self.reference = policy, reference
+        self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
+        self.pad_id, self.device, self.autocast = pad_id, device, autocast
+        self.log_metrics, self.on_eval = log_metrics, list(on_eval)
+        self.objective = DPOObjective(cfg.beta, cfg.loss.name, cfg.loss.label_smoothing, cfg.loss.length_normalize)
+        micro_batches = math.ceil(len(train_pairs) / self.t.batch_size)
+        self.steps_per_epoch = max(1, micro_batches // self.t.grad_accum)
+        self.total_steps = self.t.max_steps if self.t.max_steps > 0 else self.t.epochs * self.steps_per_epoch
+        warmup = self.t.warmup_steps or int(self.t.warmup_ratio * self.total_steps)
+        self.optimizer = build_optimizer(policy, cfg.optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.t.lr_schedule, warmup, self.total_steps)
+        )
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.history: List[Dict[str, float]] = []  # logged train metrics, one dict a step
+
+    # -- batches
+
+    def _to_device(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def micro_batches(self):
+        """Endless (epoch, indices, batch) over the train set, reshuffled every epoch."""
+        epoch = 0
+        while True:
+            order = batch_indices(self.train_pairs, self.t.batch_size, self.t.shuffle, self.t.group_by_length,
+                                  self.generator)
+            usable = self.steps_per_epoch * self.t.grad_accum  # drop a last incomplete step
+            for idx in order[:usable]:
+                yield epoch, idx, self._to_device(collate([self.train_pairs[i] for i in idx], self.pad_id))
+            epoch += 1
+
+    # -- one optimizer step
+
+    def train_step(self, micro: List[Tuple[Sequence[int], Dict[str, Tensor]]]) -> Dict[str, float]:
+        """Forward and backward over `grad_accum` micro-batches, clip, step; return metrics."""
+        self.policy.train()
+        n_pairs = sum(len(idx) for idx, _ in micro)
+        per_pair: List[Dict[str, Tensor]] = []
+        for idx, batch in micro:
+            with self.autocast():
+                losses, metrics = self.objective(self.policy, self.reference, batch, "train", idx)
+            loss = losses.sum() / n_pairs  # mean over every pair of the step
+            if not torch.isfinite(loss):
+                raise TrainingError(f"non-finite loss ({loss.item()}) at step {self.step + 1}; "
+                                    f"lower optimizer.lr (= {self.cfg.optimizer.lr}) or check the data")
+            loss.backward()
+            per_pair.append(dict(metrics, loss=losses.detach()))
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        out = {f"train/{k}": v for k, v in _mean(per_pair).items()}
+        out["train/grad_norm"] = grad_norm
+        out["train/lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def _clip(self) -> float:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.t.max_grad_norm if self.t.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        if not math.isfinite(norm):
+            raise TrainingError(f"non-finite gradient norm at step {self.step + 1}; "
+                                f"lower optimizer.lr (= {self.cfg.optimizer.lr}) or check the data")
+        return norm
+
+    # -- eval
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        self.policy.eval()
+        per_pair = []
+        for idx in batch_indices(self.eval_pairs, self.t.eval_batch_size, shuffle=False, group_by_length=True):
+            batch = self._to_device(collate([self.eval_pairs[i] for i in idx], self.pad_id))
+            with self.autocast():
+                losses, metrics = self.objective(self.policy, self.reference, batch, "eval", idx)
+            per_pair.append(dict(metrics, loss=losses))
+        self.policy.train()
+        return {f"eval/{k}": v for k, v in _mean(per_pair).items()}
+
+    def _eval_and_report(self) -> Dict[str, float]:
+        metrics = self.evaluate()
+        self.log_metrics(metrics, self.step)
+        for callback in self.on_eval:
+            callback(self.step, metrics)
+        return metrics
+
+    # -- the loop
+
+    def fit(self) -> Dict[str, float]:
+        """Train for total_steps; return the last train metrics and the final eval metrics."""
+        batches = self.micro_batches()
+        bar = tqdm(total=self.total_steps, desc="DPO", disable=not self.t.progress, dynamic_ncols=True)
+        last: Dict[str, float] = {}
+        eval_metrics: Optional[Dict[str, float]] = None
+        while self.step < self.total_steps:
+            micro = []
+            for _ in range(self.t.grad_accum):
+                epoch, idx, batch = next(batches)
+                micro.append((idx, batch))
+            last = self.train_step(micro)
+            last["train/epoch"] = epoch + 1
+            self.history.append(last)
+            if self.step % self.t.log_every == 0 or self.step == self.total_steps:
+                self.log_metrics(last, self.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['train/loss']:.4f}", acc=f"{last['train/rewards/accuracies']:.2f}")
+            eval_metrics = None
+            if self.t.eval_every and self.step % self.t.eval_every == 0 and self.step < self.total_steps:
+                eval_metrics = self._eval_and_report()
+        bar.close()
+        eval_metrics = self._eval_and_report()
+        log.info("final eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+        return {**last, **eval_metrics}
