@@ -24,9 +24,10 @@ class ConfigError(ValueError):
 class ModelConfig:
     # Hugging Face hub name or local folder; null builds a random model from `config` instead.
     name_or_path: Optional[str] = None
-    # Tokenizer name or folder; null uses name_or_path; "char" is the built-in character tokenizer.
+    # Tokenizer name or folder; null: name_or_path's, or with no name_or_path the built-in "char".
     tokenizer: Optional[str] = None
-    # Architecture for a model built from scratch (model_type plus its config keys).
+    # Architecture of a model built from scratch (model_type plus its config keys); used only
+    # when name_or_path is null.
     config: Optional[Dict[str, Any]] = None
     # Weight dtype when loading: auto (float32 on CPU, as saved on CUDA), float32, bfloat16.
     dtype: str = "float32"
@@ -195,11 +196,6 @@ def validate(cfg: DictConfig) -> None:
         "model.name_or_path",
         "a hub name or local folder (or set model.config to build a model from scratch)",
     )
-    need(
-        m.tokenizer is not None or m.name_or_path is not None,
-        "model.tokenizer",
-        "a tokenizer name, folder or 'char' when the model is built from model.config",
-    )
-    if m.config is not None:
+    if m.name_or_path is None:
         need("model_type" in m.config, "model.config", "a mapping with a 'model_type' key")
     need(bool(cfg.objective.metric), "objective.metric", "a metric name such as eval/rewards/accuracies")

@@ -45,7 +45,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
-    name = model_cfg.tokenizer or model_cfg.name_or_path
+    name = model_cfg.tokenizer or model_cfg.name_or_path or "char"
     if name == "char":
         tokenizer = char_tokenizer()
     else:
@@ -73,7 +73,7 @@ def load_policy(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed:
     extra = {}
     if model_cfg.attn_implementation:
         extra["attn_implementation"] = model_cfg.attn_implementation
-    if model_cfg.name_or_path is None:
+    if model_cfg.name_or_path is None:  # build from model.config (checked by config.validate)
         arch = OmegaConf.to_container(model_cfg.config, resolve=True)
         model_type = arch.pop("model_type")
         arch.setdefault("vocab_size", len(tokenizer))

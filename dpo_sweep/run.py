@@ -10,10 +10,10 @@ import json
 import logging
 import os
 import random
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dpo_sweep import models, reference, tracking
 from dpo_sweep.config import ConfigError, validate
@@ -98,7 +98,8 @@ def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[
             tracker.end(status)
 
 
-def _train(cfg: DictConfig, out_dir: str, cwd: Optional[str], tracker, on_eval) -> Dict[str, float]:
+def build_trainer(cfg: DictConfig, cwd: Optional[str] = None, tracker=None, on_eval=()) -> Tuple[Trainer, Any]:
+    """Tokenizer, data (checked before any model loads), policy, reference, and the Trainer."""
     device = models.resolve_device(cfg.train.device)
     autocast = reference.autocast_for(device, precision_for(device, cfg.train.precision))
     tokenizer = models.load_tokenizer(cfg.model)
@@ -113,14 +114,17 @@ def _train(cfg: DictConfig, out_dir: str, cwd: Optional[str], tracker, on_eval) 
         cfg, policy, ref, data.train, data.eval, tokenizer.pad_token_id, device, autocast,
         log_metrics=tracker.log_metrics if tracker else (lambda m, s: None), on_eval=on_eval,
     )
+    return trainer, tokenizer
+
+
+def _train(cfg: DictConfig, out_dir: str, cwd: Optional[str], tracker, on_eval) -> Dict[str, float]:
+    trainer, tokenizer = build_trainer(cfg, cwd, tracker, on_eval)
     metrics = trainer.fit()
     if cfg.train.save_model:
         path = os.path.join(out_dir, "model")
-        policy.save_pretrained(path)
+        trainer.policy.save_pretrained(path)
         tokenizer.save_pretrained(path)
         log.info("model saved to %s", path)
     return metrics
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -46,12 +46,13 @@ class DPOObjective:
         ref_chosen, ref_rejected, ref_chosen_n, ref_rejected_n = reference.logps(batch, split, idx)
         chosen, rejected = logps[:B], logps[B:]
         ref_chosen, ref_rejected = ref_chosen.float(), ref_rejected.float()
-        if self.length_normalize:
-            chosen, rejected = chosen / counts[:B], rejected / counts[B:]
-            ref_chosen, ref_rejected = ref_chosen / ref_chosen_n, ref_rejected / ref_rejected_n
-        losses, chosen_rewards, rejected_rewards = LOSSES[self.loss_name](
-            chosen, rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing
-        )
+        inputs = (chosen, rejected, ref_chosen, ref_rejected)
+        if self.length_normalize:  # the loss sees per-token averages
+            inputs = (chosen / counts[:B], rejected / counts[B:], ref_chosen / ref_chosen_n, ref_rejected / ref_rejected_n)
+        losses, chosen_rewards, rejected_rewards = LOSSES[self.loss_name](*inputs, self.beta, self.label_smoothing)
+        if self.length_normalize:  # rewards and logged log-probs stay summed, as TRL logs them
+            chosen_rewards = self.beta * (chosen - ref_chosen).detach()
+            rejected_rewards = self.beta * (rejected - ref_rejected).detach()
         return losses, reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
 
 

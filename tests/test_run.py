@@ -1,0 +1,157 @@
+"""End to end: `python -m dpo_sweep` writes the run folder and an MLflow run; bad config fails early."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, compose, write_jsonl
+from dpo_sweep.config import ConfigError, validate
+from dpo_sweep.models import load_policy, load_tokenizer
+from dpo_sweep.run import run_trial
+
+
+def run_cli(*args, cwd=REPO, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "dpo_sweep", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    proc = run_cli("train.max_steps=6", "train.eval_every=3", "train.save_model=true", "train.progress=false",
+                   f"hydra.run.dir={tmp}/run", f"tracking.uri={uri}", "beta=0.2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run", uri
+
+
+def test_run_folder_holds_config_metrics_and_model(finished_run):
+    run_dir, _ = finished_run
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "metrics.json",
+                 "model/config.json", "model/tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    result = json.loads((run_dir / "metrics.json").read_text())
+    assert result["objective_metric"] == "eval/rewards/accuracies"
+    assert result["objective"] == result["metrics"]["eval/rewards/accuracies"]
+    assert 0.0 <= result["objective"] <= 1.0
+
+
+def test_mlflow_run_has_params_metrics_and_artifacts(finished_run):
+    run_dir, uri = finished_run
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("dpo-sweep")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["beta"] == "0.2"
+    assert run.data.params["train.max_steps"] == "6"
+    assert run.data.params["model.config.model_type"] == "llama"
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/rewards/accuracies")] == [3, 6]
+    saved = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    assert run.data.metrics["eval/loss"] == pytest.approx(saved["eval/loss"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "hydra")}
+    assert {"hydra/config.yaml", "hydra/overrides.yaml"} <= artifacts
+    assert run.data.tags["run_dir"] == str(run_dir)
+
+
+def test_every_trainable_parameter_changed(finished_run):
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _ = finished_run
+    cfg = compose([])
+    initial = load_policy(cfg.model, load_tokenizer(cfg.model), cfg.seed)
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    before = dict(initial.named_parameters())
+    for name, p in trained.named_parameters():
+        assert not torch.equal(p, before[name]), f"{name} did not change"
+
+
+def test_same_config_gives_same_numbers(tmp_path):
+    overrides = ["train.max_steps=4", "train.progress=false", "tracking.enabled=false"]
+    a = run_trial(compose(overrides), out_dir=str(tmp_path / "a"))
+    b = run_trial(compose(overrides), out_dir=str(tmp_path / "b"))
+    ma = json.loads((tmp_path / "a" / "metrics.json").read_text())["metrics"]
+    mb = json.loads((tmp_path / "b" / "metrics.json").read_text())["metrics"]
+    assert a == b and ma == mb
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "cdpo", "ipo", "hinge", "robust"])
+@pytest.mark.parametrize("reference", ["copy", "precomputed", "none"])
+def test_losses_and_reference_modes_train(tmp_path, monkeypatch, loss, reference):
+    monkeypatch.chdir(tmp_path)  # the reference cache goes under ./outputs/cache
+    cfg = compose([f"loss={loss}", f"train.reference={reference}", "train.max_steps=3", "train.progress=false",
+                   "tracking.enabled=false", "objective.metric=eval/loss", "objective.direction=minimize"])
+    value = run_trial(cfg, out_dir=str(tmp_path / "run"))
+    assert value == value and value > -1e9  # a finite number
+
+
+def test_precomputed_reference_matches_copy_and_reuses_cache(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["train.max_steps=3", "train.progress=false", "tracking.enabled=false"]
+    copy = json.loads(open(_run(tmp_path / "copy", base + ["train.reference=copy"])).read())["metrics"]
+    pre = json.loads(open(_run(tmp_path / "pre", base + ["train.reference=precomputed"])).read())["metrics"]
+    for key, value in copy.items():
+        assert pre[key] == pytest.approx(value, abs=1e-5), key
+    caches = os.listdir(tmp_path / "outputs" / "cache")
+    assert len(caches) == 1
+    _run(tmp_path / "pre2", base + ["train.reference=precomputed", "beta=0.5"])  # same model and data: reused
+    assert os.listdir(tmp_path / "outputs" / "cache") == caches
+    _run(tmp_path / "pre3", base + ["train.reference=precomputed", "seed=1"])  # other weights: a new cache
+    assert len(os.listdir(tmp_path / "outputs" / "cache")) == 2
+
+
+def _run(out_dir, overrides):
+    run_trial(compose(overrides), out_dir=str(out_dir))
+    return os.path.join(out_dir, "metrics.json")
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_unknown_key_and_wrong_type_fail_at_composition():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(["train.bacth_size=4"])
+    assert "bacth_size" in str(e.value.__cause__ or e.value)
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(["beta=abc"])
+    assert "beta" in str(e.value.__cause__ or e.value)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("beta=0", "beta"), ("beta=-1", "beta"), ("optimizer.lr=-1e-3", "optimizer.lr"),
+    ("loss.label_smoothing=0.5", "loss.label_smoothing"), ("train.batch_size=0", "train.batch_size"),
+    ("train.max_prompt_length=600", "train.max_prompt_length"), ("loss.name=dpo", "loss.name"),
+    ("train.reference=frozen", "train.reference"), ("optimizer.betas=[0.9]", "optimizer.betas"),
+])
+def test_out_of_range_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        validate(compose([override]))
+
+
+def test_unknown_objective_metric_is_named(tmp_path):
+    cfg = compose(["train.max_steps=1", "train.progress=false", "tracking.enabled=false",
+                   "objective.metric=eval/acc"])
+    with pytest.raises(ConfigError, match="objective.metric"):
+        run_trial(cfg, out_dir=str(tmp_path))
+
+
+def test_cli_errors_are_clear(tmp_path):
+    proc = run_cli("train.epochs=abc", f"hydra.run.dir={tmp_path}/a")
+    assert proc.returncode != 0 and "train.epochs" in proc.stderr
+    proc = run_cli("beta=-0.1", f"hydra.run.dir={tmp_path}/b", "tracking.enabled=false")
+    assert proc.returncode != 0 and "config key 'beta' = -0.1: expected a number > 0" in proc.stderr
+    missing = tmp_path / "missing.jsonl"
+    proc = run_cli("dataset=local", f"dataset.path={missing}", f"hydra.run.dir={tmp_path}/c", "tracking.enabled=false")
+    assert proc.returncode != 0 and f"data file '{missing}' does not exist" in proc.stderr
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3 + [{"prompt": "p"}])
+    proc = run_cli("dataset=local", f"dataset.path={bad}", "dataset.eval_size=1", f"hydra.run.dir={tmp_path}/d",
+                   "tracking.enabled=false")
+    assert proc.returncode != 0 and f"{bad}: row 3: missing field 'chosen'" in proc.stderr
