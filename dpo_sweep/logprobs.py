@@ -12,6 +12,7 @@ import inspect
 from typing import Tuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 Tensor = torch.Tensor
@@ -32,8 +33,46 @@ def token_logps(logits: Tensor, labels: Tensor, chunk_size: int = 4096) -> Tenso
     return out
 
 
+# Models whose logits are exactly lm_head(decoder(x).last_hidden_state): no softcapping, scaling
+# or other post-processing. For these the head runs only on response positions, in chunks.
+HEAD_ONLY_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "olmo", "olmo2"})
+HEAD_CHUNK_ELEMENTS = 2**24  # logits per chunk (64 MiB in float32): rows = this // V
+
+
+def _chunk_logps(head: torch.nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
+    """(k, H), (k,) -> (k,): log-probs of labels under head(hidden), in float32."""
+    logits = head(hidden).float()  # (k, V)
+    return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def head_logps(head: torch.nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
+    """Log-probs of labels from hidden states (K, H) -> (K,), never holding more than one chunk of
+    (rows, V) logits: in training each chunk is recomputed in backward instead of kept."""
+    rows = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
+    out = []
+    for start in range(0, hidden.shape[0], rows):
+        h, y = hidden[start : start + rows], labels[start : start + rows]
+        if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
+            out.append(checkpoint(_chunk_logps, head, h, y, use_reentrant=False))
+        else:
+            out.append(_chunk_logps(head, h, y))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _uses_head_only(model: PreTrainedModel) -> bool:
+    return (
+        getattr(model.config, "model_type", None) in HEAD_ONLY_MODELS
+        and hasattr(model, "get_decoder")
+        and isinstance(model.get_output_embeddings(), torch.nn.Linear)
+    )
+
+
 def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _is_right_padded(attention_mask: Tensor) -> bool:
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def sequence_logps(
@@ -42,28 +81,28 @@ def sequence_logps(
     """Summed response log-probs and response token counts, each Shape: (N,).
 
     input_ids, attention_mask, loss_mask: (N, T); loss_mask is True on response tokens.
-    Works with left or right padding.
+    Works with left or right padding. With right padding no attention mask is passed: under a
+    causal mask a real token never sees the padding after it, and the model can use its plain
+    causal attention kernel.
     """
+    N, T = input_ids.shape
     target_mask = loss_mask[:, 1:]  # (N, T-1): label at t+1 is scored by logits at t
     # Logits are needed only from the first position that predicts a response token.
-    first = int(target_mask.any(0).nonzero()[0]) if target_mask.any() else target_mask.shape[1]
-    kwargs = {}
-    if _accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = input_ids.shape[1] - first  # the last T - first positions
-    else:
-        first = 0
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        **kwargs,
-    ).logits  # (N, T - first, V) or (N, T, V)
-    logits = logits[:, -(input_ids.shape[1] - first) :][:, :-1]  # (N, T-1-first, V): positions first..T-2
+    first = int(target_mask.any(0).nonzero()[0]) if target_mask.any() else T - 1
+    inputs = {"input_ids": input_ids, "use_cache": False}
+    if not _is_right_padded(attention_mask):
+        inputs.update(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
     mask = target_mask[:, first:]  # (N, T-1-first)
     labels = input_ids[:, first + 1 :][mask]  # (K,)
-    picked = token_logps(logits[mask], labels)  # (K,)
+    if _uses_head_only(model):
+        hidden = model.get_decoder()(**inputs).last_hidden_state  # (N, T, H)
+        picked = head_logps(model.get_output_embeddings(), hidden[:, first:-1][mask], labels)  # (K,)
+    else:
+        if _accepts_logits_to_keep(model):
+            inputs["logits_to_keep"] = T - first  # the last T - first positions
+        logits = model(**inputs).logits  # (N, T - first, V) or (N, T, V)
+        logits = logits[:, -(T - first) :][:, :-1]  # (N, T-1-first, V): positions first..T-2
+        picked = token_logps(logits[mask], labels)  # (K,)
     rows = mask.nonzero()[:, 0]  # (K,) sequence of each scored token
-    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    logps = logps.index_add(0, rows, picked)  # (N,)
+    logps = torch.zeros(N, dtype=torch.float32, device=input_ids.device).index_add(0, rows, picked)  # (N,)
     return logps, mask.sum(-1)

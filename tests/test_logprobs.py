@@ -3,9 +3,22 @@
 import pytest
 import torch
 from torch.testing import assert_close
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from dpo_sweep import logprobs
 from dpo_sweep.data import Pair, collate
 from dpo_sweep.logprobs import sequence_logps, token_logps
+
+
+def tiny(model_type, tokenizer, **extra):
+    """A tiny model of an architecture: llama and phi take the head-only path, gpt2 the generic one."""
+    torch.manual_seed(0)
+    dims = {"llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+            "phi": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+            "gpt2": dict(n_embd=32, n_layer=2, n_head=2)}[model_type]
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **dims,
+                               **extra)
+    return AutoModelForCausalLM.from_config(cfg).eval()
 
 
 def brute_force(model, prompt, response):
@@ -32,8 +45,11 @@ def make_pairs(tokenizer):
     return pairs
 
 
+@pytest.mark.parametrize("model_type", ["llama", "phi", "gpt2"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_matches_brute_force(tiny_model, tokenizer, padding_side):
+def test_matches_brute_force(tokenizer, padding_side, model_type):
+    tiny_model = tiny(model_type, tokenizer)
+    assert logprobs._uses_head_only(tiny_model) == (model_type != "gpt2")
     pairs = make_pairs(tokenizer)
     batch = collate(pairs, tokenizer.pad_token_id, padding_side)
     assert (batch["attention_mask"] == 0).any(), "the batch must contain padding to test masking"
@@ -80,3 +96,22 @@ def test_token_logps_chunks_agree():
     labels = torch.randint(0, 11, (37,))
     expected = torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1)
     assert_close(token_logps(logits, labels, chunk_size=5), expected)
+
+
+def test_head_only_path_matches_full_logits_in_value_and_gradient(tokenizer, monkeypatch):
+    """Chunked, recomputed head on response positions == log_softmax over full logits."""
+    pairs = make_pairs(tokenizer)
+    batch = collate(pairs, tokenizer.pad_token_id)
+    model = tiny("llama", tokenizer).train()
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_ELEMENTS", 7 * len(tokenizer))  # 7 rows a chunk: many chunks
+    fast, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    fast.sum().backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    per_token = torch.log_softmax(logits.float(), -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    slow = (per_token * batch["loss_mask"][:, 1:]).sum(-1)
+    slow.sum().backward()
+    assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        assert_close(fast_grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
