@@ -99,6 +99,15 @@ def load_policy(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed:
     return model
 
 
+def configure_training(model: PreTrainedModel, gradient_checkpointing: bool, compile: bool) -> None:
+    """Memory and speed options of the trainable model (train.gradient_checkpointing, train.compile)."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        decoder.compile(dynamic=True)  # batch shapes vary with length grouping
+
+
 def make_reference(policy: PreTrainedModel) -> PreTrainedModel:
     """A frozen copy of the policy: eval mode, no gradients."""
     ref = copy.deepcopy(policy)

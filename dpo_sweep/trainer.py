@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import random
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
@@ -22,6 +24,7 @@ from dpo_sweep.losses import LOSSES, reward_metrics
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
+CHECKPOINT_FILE = "checkpoint.pt"
 EvalCallback = Callable[[int, Dict[str, float]], None]  # (step, eval metrics); may raise to stop
 
 
@@ -112,25 +115,30 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.t.lr_schedule, warmup, self.total_steps)
         )
-        self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.history: List[Dict[str, float]] = []  # logged train metrics, one dict a step
+        self.checkpoint_dir: Optional[str] = None  # set to write train.checkpoint_every checkpoints
 
     # -- batches
 
     def _to_device(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def micro_batches(self):
-        """Endless (epoch, indices, batch) over the train set, reshuffled every epoch."""
-        epoch = 0
+    def epoch_batches(self, epoch: int) -> List[List[int]]:
+        """The micro-batches of one epoch, in order: a pure function of (seed, epoch), so a resumed
+        run sees the same batches. A last incomplete optimizer step is dropped."""
+        generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        order = batch_indices(self.train_pairs, self.t.batch_size, self.t.shuffle, self.t.group_by_length, generator)
+        return order[: self.steps_per_epoch * self.t.grad_accum]
+
+    def micro_batches(self, start_step: int = 0):
+        """Endless (epoch, indices, batch) from optimizer step `start_step` on."""
+        epoch, skip = divmod(start_step, self.steps_per_epoch)
+        skip *= self.t.grad_accum
         while True:
-            order = batch_indices(self.train_pairs, self.t.batch_size, self.t.shuffle, self.t.group_by_length,
-                                  self.generator)
-            usable = self.steps_per_epoch * self.t.grad_accum  # drop a last incomplete step
-            for idx in order[:usable]:
+            for idx in self.epoch_batches(epoch)[skip:]:
                 yield epoch, idx, self._to_device(collate([self.train_pairs[i] for i in idx], self.pad_id))
-            epoch += 1
+            epoch, skip = epoch + 1, 0
 
     # -- one optimizer step
 
@@ -188,14 +196,49 @@ class Trainer:
             callback(self.step, metrics)
         return metrics
 
+    # -- checkpoints
+
+    def save_checkpoint(self, path: str) -> None:
+        """Model, optimizer, scheduler, RNG states and step, written atomically to `path`."""
+        state = {
+            "step": self.step,
+            "model": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "history": self.history,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a crash while writing leaves the previous checkpoint intact
+
+    def load_checkpoint(self, path: str) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.policy.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step, self.history = state["step"], state["history"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _maybe_checkpoint(self) -> None:
+        every = self.t.checkpoint_every
+        if self.checkpoint_dir and every and self.step % every == 0 and self.step < self.total_steps:
+            self.save_checkpoint(os.path.join(self.checkpoint_dir, CHECKPOINT_FILE))
+
     # -- the loop
 
     def fit(self) -> Dict[str, float]:
         """Train for total_steps; return the last train metrics and the final eval metrics."""
-        batches = self.micro_batches()
-        bar = tqdm(total=self.total_steps, desc="DPO", disable=not self.t.progress, dynamic_ncols=True)
-        last: Dict[str, float] = {}
-        eval_metrics: Optional[Dict[str, float]] = None
+        batches = self.micro_batches(self.step)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="DPO", disable=not self.t.progress,
+                   dynamic_ncols=True)
+        last: Dict[str, float] = self.history[-1] if self.history else {}
         while self.step < self.total_steps:
             micro = []
             for _ in range(self.t.grad_accum):
@@ -208,9 +251,9 @@ class Trainer:
                 self.log_metrics(last, self.step)
             bar.update(1)
             bar.set_postfix(loss=f"{last['train/loss']:.4f}", acc=f"{last['train/rewards/accuracies']:.2f}")
-            eval_metrics = None
             if self.t.eval_every and self.step % self.t.eval_every == 0 and self.step < self.total_steps:
-                eval_metrics = self._eval_and_report()
+                self._eval_and_report()
+            self._maybe_checkpoint()
         bar.close()
         eval_metrics = self._eval_and_report()
         log.info("final eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
