@@ -152,6 +152,21 @@ def read_local(path: str) -> List[Dict[str, Any]]:
 Rows = List[Dict[str, Any]]
 
 
+def _load_hub(name: str, split: str, split_key: str) -> Rows:
+    """Rows of a split of a Hugging Face hub data set; errors name the config keys."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split).to_list()
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise DataError(f"config key '{split_key}' = {split!r}: data set '{name}' has no such split ({e})") from e
+        raise DataError(f"config key 'dataset.name' = {name!r}: cannot load it from the hub: {e}") from e
+    except (OSError, ConnectionError) as e:
+        raise DataError(f"config key 'dataset.name' = {name!r}: cannot load it from the hub "
+                        f"(no network, or no such data set?): {e}") from e
+
+
 def load_rows(cfg: DictConfig) -> Tuple[Rows, Rows, str, str, int]:
     """Train rows, eval rows, a name for each source (for messages) and the index in its source
     of the first eval row."""
@@ -162,12 +177,10 @@ def load_rows(cfg: DictConfig) -> Tuple[Rows, Rows, str, str, int]:
     elif cfg.name == "builtin":
         train_rows, train_src = builtin_rows(cfg.builtin_size), "builtin"
     else:
-        import datasets
-
-        train_rows = datasets.load_dataset(cfg.name, split=cfg.train_split).to_list()
+        train_rows = _load_hub(cfg.name, cfg.train_split, "dataset.train_split")
         train_src = f"{cfg.name}[{cfg.train_split}]"
         if cfg.eval_split and not cfg.eval_path:
-            eval_rows = datasets.load_dataset(cfg.name, split=cfg.eval_split).to_list()
+            eval_rows = _load_hub(cfg.name, cfg.eval_split, "dataset.eval_split")
             eval_src = f"{cfg.name}[{cfg.eval_split}]"
     if cfg.eval_path:
         eval_rows, eval_src = read_local(cfg.eval_path), cfg.eval_path

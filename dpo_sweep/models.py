@@ -7,7 +7,9 @@ made offline from printable ASCII, so the default run needs no download.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import string
 from typing import Optional
 
@@ -49,14 +51,26 @@ def load_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
     if name == "char":
         tokenizer = char_tokenizer()
     else:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
-        )
+        key = "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path"
+        with _naming_errors(key, name):
+            tokenizer = AutoTokenizer.from_pretrained(
+                name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+            )
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer '{name}' has no EOS token; every response must end with one")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # pads are masked out, any id will do
     return tokenizer
+
+
+@contextlib.contextmanager
+def _naming_errors(key: str, name: str):
+    """Loading errors say which config key named what could not be loaded."""
+    try:
+        yield
+    except OSError as e:
+        where = "local folder" if os.path.isdir(name) else "Hugging Face hub name (or a local folder)"
+        raise OSError(f"config key '{key}' = {name!r}: cannot load it as a {where}: {e}") from e
 
 
 def resolve_device(device: str) -> torch.device:
@@ -85,13 +99,14 @@ def load_policy(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed:
             torch.manual_seed(seed)  # the same seed gives the same initial weights
             model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **extra)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.name_or_path,
-            revision=model_cfg.revision,
-            trust_remote_code=model_cfg.trust_remote_code,
-            dtype=dtype or "auto",
-            **extra,
-        )
+        with _naming_errors("model.name_or_path", model_cfg.name_or_path):
+            model = AutoModelForCausalLM.from_pretrained(
+                model_cfg.name_or_path,
+                revision=model_cfg.revision,
+                trust_remote_code=model_cfg.trust_remote_code,
+                dtype=dtype or "auto",
+                **extra,
+            )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)
