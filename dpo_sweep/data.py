@@ -41,7 +41,7 @@ class Pair:
     prompt_ids: Tuple[int, ...]
     chosen_ids: Tuple[int, ...]
     rejected_ids: Tuple[int, ...]
-    row: int
+    row: int  # 0-based index of the row in its source
 
     @property
     def length(self) -> int:
@@ -184,6 +184,8 @@ def load_rows(cfg: DictConfig) -> Tuple[Rows, Rows, str, str, int]:
             eval_src = f"{cfg.name}[{cfg.eval_split}]"
     if cfg.eval_path:
         eval_rows, eval_src = read_local(cfg.eval_path), cfg.eval_path
+    if not train_rows:
+        raise DataError(f"{train_src}: the data set has no rows")
     if eval_rows is None:
         n_eval = int(cfg.eval_size if cfg.eval_size >= 1 else round(cfg.eval_size * len(train_rows)))
         if n_eval >= len(train_rows):
@@ -344,7 +346,7 @@ def prepare(
     skipped = 0
     for i, row in enumerate(rows):
         index = first_row + i
-        where = f"{source}: row {index}"
+        where = f"{source}: row {index + 1}"  # 1-based: row N is line N of a .jsonl file
         try:
             texts = normalise(row, tokenizer, where)
             pairs.append(tokenise(*texts, tokenizer, max_length, max_prompt_length, where, index))

@@ -73,13 +73,13 @@ def test_implicit_prompt_from_shared_text(tokenizer):
 
 
 @pytest.mark.parametrize("row,message", [
-    ({"prompt": "p", "rejected": "b"}, "row 3: missing field 'chosen'"),
-    ({"prompt": "p", "chosen": "a"}, "row 3: missing field 'rejected'"),
-    ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "row 3: field 'chosen': the response is empty"),
-    ({"prompt": "p", "chosen": 5, "rejected": "b"}, "row 3: field 'chosen': expected a string"),
-    ({"prompt": "p", "chosen": "a", "rejected": "a"}, "row 3: fields 'chosen' and 'rejected' are identical"),
+    ({"prompt": "p", "rejected": "b"}, "row 4: missing field 'chosen'"),
+    ({"prompt": "p", "chosen": "a"}, "row 4: missing field 'rejected'"),
+    ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "row 4: field 'chosen': the response is empty"),
+    ({"prompt": "p", "chosen": 5, "rejected": "b"}, "row 4: field 'chosen': expected a string"),
+    ({"prompt": "p", "chosen": "a", "rejected": "a"}, "row 4: fields 'chosen' and 'rejected' are identical"),
     ({"prompt": "p", "chosen": [{"role": "assistant"}], "rejected": [{"role": "assistant", "content": "x"}]},
-     "row 3: field 'chosen': message 0"),
+     "row 4: field 'chosen': message 0"),
     ({"prompt": "p", "chosen": "a", "rejected": [{"role": "assistant", "content": "x"}]},
      "both be strings or both message lists"),
 ])

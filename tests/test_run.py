@@ -154,4 +154,45 @@ def test_cli_errors_are_clear(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3 + [{"prompt": "p"}])
     proc = run_cli("dataset=local", f"dataset.path={bad}", "dataset.eval_size=1", f"hydra.run.dir={tmp_path}/d",
                    "tracking.enabled=false")
-    assert proc.returncode != 0 and f"{bad}: row 3: missing field 'chosen'" in proc.stderr
+    assert proc.returncode != 0 and f"{bad}: row 4: missing field 'chosen'" in proc.stderr
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tmp_path, monkeypatch):
+    from dpo_sweep.run import build_trainer
+
+    monkeypatch.chdir(tmp_path)
+    histories = []
+    for checkpointing in ("false", "true"):
+        cfg = compose(["train.max_steps=3", "train.progress=false", "tracking.enabled=false",
+                       f"train.gradient_checkpointing={checkpointing}"])
+        trainer, _ = build_trainer(cfg)
+        trainer.fit()
+        histories.append(trainer.history)
+    for a, b in zip(*histories):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-6)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-5)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_from_checkpoint_gives_the_same_final_metrics(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["train.max_steps=8", "train.checkpoint_every=3", "train.eval_every=4", "train.progress=false",
+            "tracking.enabled=false", "train.shuffle=true"]
+    run_trial(compose(base), out_dir=str(tmp_path / "full"))
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+
+    def crash_at_step_4(step, metrics):
+        if step == 4:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_trial(compose(base), out_dir=str(tmp_path / "cut"), on_eval=[crash_at_step_4])
+    assert (tmp_path / "cut" / "checkpoint" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    run_trial(compose(base + ["train.resume=true"]), out_dir=str(tmp_path / "cut"))
+    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert resumed == full
+    assert not (tmp_path / "cut" / "checkpoint").exists()  # removed once the run finished
