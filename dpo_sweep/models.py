@@ -110,8 +110,37 @@ def load_policy(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)
+    if model_cfg.lora.enabled:
+        model = apply_lora(model, model_cfg.lora)
     model.train()
     return model
+
+
+def apply_lora(model: PreTrainedModel, lora_cfg: DictConfig) -> PreTrainedModel:
+    """Wrap the model with trainable LoRA adapters (PEFT); the base weights are frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ImportError("model.lora.enabled=true needs PEFT: pip install 'dpo-sweep[lora]'") from e
+    targets = lora_cfg.target_modules
+    targets = targets if isinstance(targets, str) else list(targets)
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str, merge: bool) -> None:
+    """Hugging Face format; a LoRA model saves its adapter, or the merged weights when `merge`."""
+    if is_lora(model) and merge:
+        import copy as _copy
+
+        model = _copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def configure_training(model: PreTrainedModel, gradient_checkpointing: bool, compile: bool) -> None:

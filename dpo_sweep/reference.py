@@ -46,6 +46,15 @@ class LiveReference:
         return _split(logps, counts)
 
 
+class AdapterOffReference(LiveReference):
+    """LoRA: the reference is the policy itself with its adapters disabled (no second copy)."""
+
+    @torch.no_grad()
+    def logps(self, batch: Dict[str, Tensor], split: str, idx: Sequence[int]) -> RefOutput:
+        with self.model.disable_adapter():
+            return super().logps(batch, split, idx)
+
+
 class NoReference:
     """Reference-free DPO: the reference log-probs are 0."""
 
@@ -91,7 +100,7 @@ def compute_tables(
     device: torch.device,
     autocast: Callable[[], ContextManager],
 ) -> Dict[str, Tensor]:
-    live = LiveReference(model, autocast)
+    live = AdapterOffReference(model, autocast) if hasattr(model, "peft_config") else LiveReference(model, autocast)
     tables = {}
     for split, pairs in splits.items():
         table = torch.zeros(len(pairs), 4)
