@@ -1,5 +1,8 @@
 """`python -m dpo_sweep [overrides] [-m]`: the Hydra entry point."""
 
+import os
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -7,6 +10,9 @@ from dpo_sweep.config import register
 from dpo_sweep.paths import conf_dir
 
 register()
+
+if int(os.environ.get("RANK", "0")) > 0:  # torchrun: only rank 0 writes the run folder and logs
+    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
 @hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")

@@ -6,6 +6,7 @@ through the policy in one forward pass.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -18,6 +19,8 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from dpo_sweep import distributed
+from dpo_sweep.config import ConfigError
 from dpo_sweep.data import Pair, batch_indices, collate
 from dpo_sweep.logprobs import sequence_logps
 from dpo_sweep.losses import LOSSES, reward_metrics
@@ -41,10 +44,10 @@ class DPOObjective:
     label_smoothing: float
     length_normalize: bool
 
-    def __call__(self, policy: PreTrainedModel, reference, batch: Dict[str, Tensor], split: str,
+    def __call__(self, policy: torch.nn.Module, reference, batch: Dict[str, Tensor], split: str,
                  idx: Sequence[int]) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """Per-pair losses (B,) and per-pair metrics, each (B,)."""
-        logps, counts = sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        """Per-pair losses (B,) and per-pair metrics, each (B,). `policy` is a PolicyLogps."""
+        logps, counts = policy(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         B = logps.shape[0] // 2
         ref_chosen, ref_rejected, ref_chosen_n, ref_rejected_n = reference.logps(batch, split, idx)
         chosen, rejected = logps[:B], logps[B:]
@@ -57,6 +60,17 @@ class DPOObjective:
             chosen_rewards = self.beta * (chosen - ref_chosen).detach()
             rejected_rewards = self.beta * (rejected - ref_rejected).detach()
         return losses, reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+
+
+class PolicyLogps(torch.nn.Module):
+    """The policy's forward as one module, so that DDP wraps exactly what training calls."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tuple[Tensor, Tensor]:
+        return sequence_logps(self.model, input_ids, attention_mask, loss_mask)  # (N,), (N,)
 
 
 def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
@@ -81,10 +95,16 @@ def build_optimizer(model: PreTrainedModel, cfg: DictConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def _mean(values: List[Dict[str, Tensor]]) -> Dict[str, float]:
-    """Average per-pair metrics over all pairs of several batches."""
-    keys = values[0].keys()
-    return {k: torch.cat([v[k].detach().float().flatten() for v in values]).mean().item() for k in keys}
+def _mean(values: List[Dict[str, Tensor]], device: torch.device) -> Dict[str, float]:
+    """Average per-pair metrics over all pairs of several batches, and of every rank."""
+    sums: Dict[str, float] = {}
+    for v in values:
+        for k, t in v.items():
+            sums[k] = sums.get(k, 0.0) + t.detach().double().sum().item()
+    sums["_pairs"] = float(sum(len(v["loss"]) for v in values))
+    sums = distributed.reduce_sums(sums, device)
+    n = max(sums.pop("_pairs"), 1.0)
+    return {k: v / n for k, v in sums.items()}
 
 
 class Trainer:
@@ -107,7 +127,12 @@ class Trainer:
         self.pad_id, self.device, self.autocast = pad_id, device, autocast
         self.log_metrics, self.on_eval = log_metrics, list(on_eval)
         self.objective = DPOObjective(cfg.beta, cfg.loss.name, cfg.loss.label_smoothing, cfg.loss.length_normalize)
-        micro_batches = math.ceil(len(train_pairs) / self.t.batch_size)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        if self.t.batch_size % self.world:
+            raise ConfigError(f"config key 'train.batch_size' = {self.t.batch_size}: expected a multiple of "
+                              f"the number of processes ({self.world}); it is the global batch")
+        full, rest = divmod(len(train_pairs), self.t.batch_size)
+        micro_batches = full + (1 if rest >= self.world else 0)  # every rank needs a pair of each batch
         self.steps_per_epoch = max(1, micro_batches // self.t.grad_accum)
         self.total_steps = self.t.max_steps if self.t.max_steps > 0 else self.t.epochs * self.steps_per_epoch
         warmup = self.t.warmup_steps or int(self.t.warmup_ratio * self.total_steps)
@@ -115,6 +140,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.t.lr_schedule, warmup, self.total_steps)
         )
+        self.logps = PolicyLogps(policy)  # eval, and training in one process
+        self.train_logps = self.logps
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_logps = DistributedDataParallel(self.logps, device_ids=ids)
         self.step = 0
         self.history: List[Dict[str, float]] = []  # logged train metrics, one dict a step
         self.checkpoint_dir: Optional[str] = None  # set to write train.checkpoint_every checkpoints
@@ -132,39 +164,49 @@ class Trainer:
         return order[: self.steps_per_epoch * self.t.grad_accum]
 
     def micro_batches(self, start_step: int = 0):
-        """Endless (epoch, indices, batch) from optimizer step `start_step` on."""
+        """Endless (epoch, this rank's indices, batch, pairs in the whole batch) from optimizer
+        step `start_step` on."""
         epoch, skip = divmod(start_step, self.steps_per_epoch)
         skip *= self.t.grad_accum
         while True:
             for idx in self.epoch_batches(epoch)[skip:]:
-                yield epoch, idx, self._to_device(collate([self.train_pairs[i] for i in idx], self.pad_id))
+                mine = distributed.shard(idx, self.world, self.rank)
+                batch = self._to_device(collate([self.train_pairs[i] for i in mine], self.pad_id))
+                yield epoch, mine, batch, len(idx)
             epoch, skip = epoch + 1, 0
 
     # -- one optimizer step
 
-    def train_step(self, micro: List[Tuple[Sequence[int], Dict[str, Tensor]]]) -> Dict[str, float]:
-        """Forward and backward over `grad_accum` micro-batches, clip, step; return metrics."""
+    def train_step(self, micro: List[Tuple[Sequence[int], Dict[str, Tensor], int]]) -> Dict[str, float]:
+        """Forward and backward over `grad_accum` micro-batches (this rank's share of each),
+        clip, step; return metrics averaged over every pair of the step."""
         self.policy.train()
-        n_pairs = sum(len(idx) for idx, _ in micro)
+        n_pairs = sum(n for _, _, n in micro)  # of the whole step, all ranks together
         per_pair: List[Dict[str, Tensor]] = []
-        for idx, batch in micro:
-            with self.autocast():
-                losses, metrics = self.objective(self.policy, self.reference, batch, "train", idx)
-            loss = losses.sum() / n_pairs  # mean over every pair of the step
-            if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite loss ({loss.item()}) at step {self.step + 1}; "
-                                    f"lower optimizer.lr (= {self.cfg.optimizer.lr}) or check the data")
-            loss.backward()
+        for i, (idx, batch, _) in enumerate(micro):
+            sync = i == len(micro) - 1 or self.world == 1  # DDP: reduce gradients once, at the last
+            with self.autocast(), (contextlib.nullcontext() if sync else self.train_logps.no_sync()):
+                losses, metrics = self.objective(self.train_logps, self.reference, batch, "train", idx)
+                # DDP averages gradients over ranks: scaling by world gives the mean over all pairs
+                loss = losses.sum() * self.world / n_pairs
+                self._check_finite(loss)
+                loss.backward()
             per_pair.append(dict(metrics, loss=losses.detach()))
         grad_norm = self._clip()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        out = {f"train/{k}": v for k, v in _mean(per_pair).items()}
+        out = {f"train/{k}": v for k, v in _mean(per_pair, self.device).items()}
         out["train/grad_norm"] = grad_norm
         out["train/lr"] = self.scheduler.get_last_lr()[0]
         return out
+
+    def _check_finite(self, loss: Tensor) -> None:
+        bad = float(not torch.isfinite(loss))
+        if distributed.reduce_sums({"bad": bad}, self.device)["bad"]:  # every rank stops together
+            raise TrainingError(f"non-finite loss ({loss.item()}) at step {self.step + 1}; "
+                                f"lower optimizer.lr (= {self.cfg.optimizer.lr}) or check the data")
 
     def _clip(self) -> float:
         params = [p for p in self.policy.parameters() if p.grad is not None]
@@ -181,13 +223,14 @@ class Trainer:
     def evaluate(self) -> Dict[str, float]:
         self.policy.eval()
         per_pair = []
-        for idx in batch_indices(self.eval_pairs, self.t.eval_batch_size, shuffle=False, group_by_length=True):
+        batches = batch_indices(self.eval_pairs, self.t.eval_batch_size, shuffle=False, group_by_length=True)
+        for idx in distributed.shard(batches, self.world, self.rank):  # whole batches per rank
             batch = self._to_device(collate([self.eval_pairs[i] for i in idx], self.pad_id))
             with self.autocast():
-                losses, metrics = self.objective(self.policy, self.reference, batch, "eval", idx)
+                losses, metrics = self.objective(self.logps, self.reference, batch, "eval", idx)
             per_pair.append(dict(metrics, loss=losses))
         self.policy.train()
-        return {f"eval/{k}": v for k, v in _mean(per_pair).items()}
+        return {f"eval/{k}": v for k, v in _mean(per_pair, self.device).items()}
 
     def _eval_and_report(self) -> Dict[str, float]:
         metrics = self.evaluate()
@@ -229,21 +272,23 @@ class Trainer:
     def _maybe_checkpoint(self) -> None:
         every = self.t.checkpoint_every
         if self.checkpoint_dir and every and self.step % every == 0 and self.step < self.total_steps:
-            self.save_checkpoint(os.path.join(self.checkpoint_dir, CHECKPOINT_FILE))
+            if distributed.is_main():
+                self.save_checkpoint(os.path.join(self.checkpoint_dir, CHECKPOINT_FILE))
+            distributed.barrier()
 
     # -- the loop
 
     def fit(self) -> Dict[str, float]:
         """Train for total_steps; return the last train metrics and the final eval metrics."""
         batches = self.micro_batches(self.step)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="DPO", disable=not self.t.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="DPO",
+                   disable=not (self.t.progress and distributed.is_main()), dynamic_ncols=True)
         last: Dict[str, float] = self.history[-1] if self.history else {}
         while self.step < self.total_steps:
             micro = []
             for _ in range(self.t.grad_accum):
-                epoch, idx, batch = next(batches)
-                micro.append((idx, batch))
+                epoch, idx, batch, n_pairs = next(batches)
+                micro.append((idx, batch, n_pairs))
             last = self.train_step(micro)
             last["train/epoch"] = epoch + 1
             self.history.append(last)

@@ -1,0 +1,70 @@
+"""Several processes on one trial: `torchrun --nproc_per_node=N -m dpo_sweep ...`.
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; the process group uses nccl on CUDA and gloo on
+the CPU. Every rank sees the same batches in the same order and takes its share of each; only
+rank 0 logs and writes files. With one process every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: str) -> torch.device:
+    """Join the process group when launched by torchrun; return this rank's device."""
+    if launched_by_torchrun() and not dist.is_initialized():
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        if use_cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def reduce_sums(sums: Dict[str, float], device: torch.device) -> Dict[str, float]:
+    """Sum each value over the ranks."""
+    if world_size() == 1:
+        return sums
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def shard(indices: list, n_ranks: int, r: int) -> list:
+    """This rank's share of a batch: every n-th pair, starting at its rank."""
+    return indices[r::n_ranks]
+
+
+def close() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
