@@ -8,7 +8,7 @@ cross-field rules before any model or data set is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +21,16 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False  # train LoRA adapters (PEFT) instead of every weight
+    r: int = 16  # adapter rank; higher: more capacity, more memory
+    alpha: int = 32  # scaling alpha / r
+    dropout: float = 0.0  # DPO compares two models: dropout noise biases the rewards
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+    merge: bool = False  # save the model with adapters merged into the weights (else the adapter alone)
+
+
+@dataclass
 class ModelConfig:
     # Hugging Face hub name or local folder; null builds a random model from `config` instead.
     name_or_path: Optional[str] = None
@@ -28,13 +38,15 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     # Architecture of a model built from scratch (model_type plus its config keys); used only
     # when name_or_path is null.
-    config: Optional[Dict[str, Any]] = None
+    config: Dict[str, Any] = field(default_factory=dict)
     # Weight dtype when loading: auto (float32 on CPU, as saved on CUDA), float32, bfloat16.
     dtype: str = "float32"
     revision: Optional[str] = None
     trust_remote_code: bool = False
     # Attention kernel passed to transformers (sdpa, eager, flash_attention_2); null: its default.
     attn_implementation: Optional[str] = None
+    # LoRA: the reference is the same weights with the adapters off, so no second copy is held.
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -95,7 +107,12 @@ class TrainConfig:
     group_by_length: bool = True  # batch similar lengths together: less padding
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    reference: str = "copy"  # copy (frozen copy of the policy) | precomputed | none
+    reference: str = "precomputed"  # precomputed (cached on disk) | copy (a frozen live copy) | none
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    compile: bool = False  # torch.compile the decoder
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state over the GPUs
+    checkpoint_every: int = 0  # optimizer steps between checkpoints in <run>/checkpoint/; 0: none
+    resume: bool = False  # continue from the run folder's checkpoint, if there is one
     save_model: bool = False  # write the trained model + tokenizer (HF format) to the run folder
     progress: bool = True  # tqdm progress bar
 
@@ -115,8 +132,20 @@ class TrackingConfig:
 @dataclass
 class ObjectiveConfig:
     # Final metric returned to the sweeper; the default does not change scale with beta.
-    metric: str = "eval/rewards/accuracies"
-    direction: str = "maximize"  # maximize | minimize
+    # A list of metrics ([eval/rewards/accuracies, eval/logps/chosen]) makes a multi-objective
+    # sweep: the run returns a tuple, and `direction` is then a list of the same length.
+    metric: Any = "eval/rewards/accuracies"
+    direction: Any = "maximize"  # maximize | minimize (a list for several metrics)
+
+
+@dataclass
+class SweepTrialConfig:
+    """Set by the sweeper on each trial (null in a single run): where the trial reports its
+    intermediate objective so that the study's pruner can stop it."""
+
+    storage: Optional[str] = None  # Optuna storage: journal file path or database URL
+    study_name: Optional[str] = None
+    trial_number: Optional[int] = None
 
 
 @dataclass
@@ -128,8 +157,12 @@ class DPOSweepConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    sweep: SweepTrialConfig = field(default_factory=SweepTrialConfig)
     beta: float = 0.1  # KL strength: higher keeps the policy closer to the reference
     seed: int = 0
+    # Which training loop runs the config: dpo_sweep (ours) or trl (TRL's DPOTrainer, for
+    # cross-checks; needs the trl extra, see dpo_sweep/trl_backend.py).
+    trainer: str = "dpo_sweep"
 
 
 def register() -> None:
@@ -137,14 +170,15 @@ def register() -> None:
 
 
 LOSS_NAMES = ("sigmoid", "ipo", "hinge", "robust")
+DIRECTIONS = ("maximize", "minimize")
 CHOICES = {
+    "trainer": ("dpo_sweep", "trl"),
     "dataset.on_bad_row": ("error", "skip"),
     "optimizer.name": ("adamw",),
     "loss.name": LOSS_NAMES,
     "train.lr_schedule": ("linear", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.reference": ("copy", "precomputed", "none"),
-    "objective.direction": ("maximize", "minimize"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
 }
 
@@ -185,6 +219,11 @@ def validate(cfg: DictConfig) -> None:
     need(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0")
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "0 <= value < 1")
     need(t.eval_every >= 0, "train.eval_every", "an integer >= 0 (0: only at the end)")
+    need(t.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0 (0: no checkpoints)")
+    if t.fsdp:
+        need(t.checkpoint_every == 0 and not t.resume, "train.checkpoint_every",
+             "0 with train.fsdp=true (sharded checkpoints are not written; use DDP to checkpoint)")
+        need(not cfg.model.lora.enabled, "model.lora.enabled", "false with train.fsdp=true")
     d = cfg.dataset
     need(d.eval_size >= 0, "dataset.eval_size", "a number >= 0 (fraction if < 1, else rows)")
     need(d.builtin_size >= 10, "dataset.builtin_size", "an integer >= 10")
@@ -192,10 +231,35 @@ def validate(cfg: DictConfig) -> None:
         need(d[key] is None or d[key] >= 1, f"dataset.{key}", "null or an integer >= 1")
     m = cfg.model
     need(
-        m.name_or_path is not None or m.config is not None,
+        m.name_or_path is not None or bool(m.config),
         "model.name_or_path",
         "a hub name or local folder (or set model.config to build a model from scratch)",
     )
+    if m.lora.enabled:
+        need(m.lora.r >= 1, "model.lora.r", "an integer >= 1")
+        need(m.lora.alpha > 0, "model.lora.alpha", "a number > 0")
+        need(0 <= m.lora.dropout < 1, "model.lora.dropout", "0 <= value < 1")
     if m.name_or_path is None:
         need("model_type" in m.config, "model.config", "a mapping with a 'model_type' key")
-    need(bool(cfg.objective.metric), "objective.metric", "a metric name such as eval/rewards/accuracies")
+    objective_spec(cfg)
+
+
+def objective_spec(cfg: DictConfig) -> List[Tuple[str, str]]:
+    """The objective as (metric, direction) pairs: one pair, or several for a multi-objective
+    sweep. Raise ConfigError naming `objective.metric` or `objective.direction`."""
+    metric, direction = cfg.objective.metric, cfg.objective.direction
+    several = OmegaConf.is_list(metric)
+    metrics = list(metric) if several else [metric]
+    directions = list(direction) if OmegaConf.is_list(direction) else [direction]
+    if not metrics or not all(isinstance(m, str) and m for m in metrics):
+        raise ConfigError(f"config key 'objective.metric' = {metric!r}: expected a metric name such as "
+                          "eval/rewards/accuracies, or a list of metric names")
+    if len(directions) != len(metrics) or OmegaConf.is_list(direction) != several:
+        raise ConfigError(f"config key 'objective.direction' = {direction!r}: expected "
+                          + (f"a list of {len(metrics)} directions, one per metric" if several
+                             else "one of " + ", ".join(DIRECTIONS)))
+    for d in directions:
+        if d not in DIRECTIONS:
+            raise ConfigError(f"config key 'objective.direction' = {direction!r}: expected "
+                              + ("each one of " if several else "one of ") + ", ".join(DIRECTIONS))
+    return list(zip(metrics, directions))

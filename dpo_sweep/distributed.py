@@ -60,9 +60,43 @@ def reduce_sums(sums: Dict[str, float], device: torch.device) -> Dict[str, float
     return dict(zip(keys, t.tolist()))
 
 
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank, so that all take the same branch (a collective: every rank
+    must call it). On the process group's own device: this rank's GPU under nccl, else the CPU."""
+    if world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def shard(indices: list, n_ranks: int, r: int) -> list:
     """This rank's share of a batch: every n-th pair, starting at its rank."""
     return indices[r::n_ranks]
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP (fully_shard, in place): each decoder layer is a unit, the rest is the root unit.
+    Parameters become DTensors sharded over the ranks; gradients are reduce-scattered."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size(),))
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for layer in getattr(decoder, "layers", []):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) value gathered whole on every rank; a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The whole state dict on the CPU (a collective under FSDP: every rank must call it)."""
+    return {k: full_tensor(v).detach().cpu() for k, v in model.state_dict().items()}
 
 
 def close() -> None:

@@ -76,12 +76,13 @@ def _is_right_padded(attention_mask: Tensor) -> bool:
 
 
 def sequence_logps(
-    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, head_only: bool = True
 ) -> Tuple[Tensor, Tensor]:
     """Summed response log-probs and response token counts, each Shape: (N,).
 
     input_ids, attention_mask, loss_mask: (N, T); loss_mask is True on response tokens.
-    Works with left or right padding. With right padding no attention mask is passed: under a
+    Works with left or right padding. `head_only=False` always goes through the model's own
+    forward (FSDP needs its root module called). With right padding no attention mask is passed: under a
     causal mask a real token never sees the padding after it, and the model can use its plain
     causal attention kernel.
     """
@@ -94,7 +95,7 @@ def sequence_logps(
         inputs.update(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
     mask = target_mask[:, first:]  # (N, T-1-first)
     labels = input_ids[:, first + 1 :][mask]  # (K,)
-    if _uses_head_only(model):
+    if head_only and _uses_head_only(model):
         hidden = model.get_decoder()(**inputs).last_hidden_state  # (N, T, H)
         picked = head_logps(model.get_output_embeddings(), hidden[:, first:-1][mask], labels)  # (K,)
     else:

@@ -111,7 +111,9 @@ def load_policy(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed:
         model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)
     if model_cfg.lora.enabled:
-        model = apply_lora(model, model_cfg.lora)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # the same seed gives the same initial adapters
+            model = apply_lora(model, model_cfg.lora)
     model.train()
     return model
 
@@ -133,13 +135,13 @@ def is_lora(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str, merge: bool) -> None:
-    """Hugging Face format; a LoRA model saves its adapter, or the merged weights when `merge`."""
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str, merge: bool,
+               state_dict: Optional[dict] = None) -> None:
+    """Hugging Face format; a LoRA model saves its adapter, or the merged weights when `merge`.
+    `state_dict`: the gathered weights of a sharded (FSDP) model."""
     if is_lora(model) and merge:
-        import copy as _copy
-
-        model = _copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(path)
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
 
 

@@ -33,15 +33,16 @@ def _split(logps: Tensor, counts: Tensor) -> RefOutput:
 class LiveReference:
     """Runs the frozen reference model on each batch."""
 
-    def __init__(self, model: PreTrainedModel, autocast: Callable[[], ContextManager]):
+    def __init__(self, model: PreTrainedModel, autocast: Callable[[], ContextManager], head_only: bool = True):
         self.model = model
         self.autocast = autocast
+        self.head_only = head_only  # False for an FSDP-sharded model
 
     @torch.no_grad()
     def logps(self, batch: Dict[str, Tensor], split: str, idx: Sequence[int]) -> RefOutput:
         with self.autocast():
             logps, counts = sequence_logps(
-                self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+                self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], self.head_only
             )
         return _split(logps, counts)
 
@@ -83,6 +84,7 @@ def fingerprint(model: PreTrainedModel, splits: Dict[str, List[Pair]], settings:
     h.update(model.config.to_json_string(use_diff=False).encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
+        tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP: gather it
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     for split, pairs in sorted(splits.items()):
         h.update(split.encode())
@@ -100,7 +102,11 @@ def compute_tables(
     device: torch.device,
     autocast: Callable[[], ContextManager],
 ) -> Dict[str, Tensor]:
-    live = AdapterOffReference(model, autocast) if hasattr(model, "peft_config") else LiveReference(model, autocast)
+    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP: use the model's forward
+    if hasattr(model, "peft_config"):
+        live = AdapterOffReference(model, autocast)
+    else:
+        live = LiveReference(model, autocast, head_only=not sharded)
     tables = {}
     for split, pairs in splits.items():
         table = torch.zeros(len(pairs), 4)
@@ -121,6 +127,7 @@ def precomputed(
     autocast: Callable[[], ContextManager],
     cache_dir: Optional[str],
     settings: str,
+    write: bool = True,
 ) -> Tuple[PrecomputedReference, bool]:
     """The reference's log-probs of all pairs, from the cache when present. Returns
     (reference, whether the cache was hit)."""
@@ -134,7 +141,7 @@ def precomputed(
     model.eval()
     tables = compute_tables(model, splits, pad_id, batch_size, device, autocast)
     model.train(was_training)
-    if path:
+    if path and write:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         torch.save(tables, tmp)

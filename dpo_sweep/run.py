@@ -10,18 +10,25 @@ import json
 import logging
 import os
 import random
-from typing import Any, Dict, Optional, Sequence, Tuple
+import shutil
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from dpo_sweep import models, reference, tracking
-from dpo_sweep.config import ConfigError, validate
+from dpo_sweep import distributed, models, reference, tracking
+from dpo_sweep.config import ConfigError, objective_spec, validate
 from dpo_sweep.data import load_preference_data
-from dpo_sweep.trainer import EvalCallback, Trainer
+from dpo_sweep.trainer import CHECKPOINT_FILE, EvalCallback, Trainer
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
+Objective = Union[float, Tuple[float, ...]]  # one value, or one per metric of a multi-objective sweep
+
+
+class TrialStopped(Exception):
+    """Raised by an `on_eval` callback to end a run early on purpose (a sweep trial that its
+    pruner stopped): the MLflow run ends KILLED rather than FAILED."""
 
 
 def seed_everything(seed: int) -> None:
@@ -53,54 +60,97 @@ def build_reference(cfg: DictConfig, policy, data, pad_id: int, device, autocast
     mode = cfg.train.reference
     if mode == "none":
         return reference.NoReference()
+    if mode == "copy" and models.is_lora(policy):
+        return reference.AdapterOffReference(policy, autocast)
     if mode == "copy":
         return reference.LiveReference(models.make_reference(policy), autocast)
     settings = f"precision={precision_for(device, cfg.train.precision)}"
-    ref, hit = reference.precomputed(
-        policy, {"train": data.train, "eval": data.eval}, pad_id, cfg.train.eval_batch_size,
-        device, autocast, cache_dir(cwd), settings,
-    )
+    args = (policy, {"train": data.train, "eval": data.eval}, pad_id, cfg.train.eval_batch_size,
+            device, autocast, cache_dir(cwd), settings)
+    if cfg.train.fsdp:  # the sharded model needs every rank in each forward: all compute it
+        return reference.precomputed(*args, write=distributed.is_main())[0]
+    if not distributed.is_main():  # rank 0 computes the cache, the other ranks then read it
+        distributed.barrier()
+        return reference.precomputed(*args)[0]
+    ref = reference.precomputed(*args)[0]
+    distributed.barrier()
     return ref
 
 
-def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[EvalCallback] = ()) -> float:
+def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[EvalCallback] = ()) -> Objective:
     """Train once as `cfg` says; write metrics.json (and the model) to the run folder, log to
-    MLflow; return the objective."""
+    MLflow; return the objective (a tuple when `objective.metric` is a list)."""
     validate(cfg)
     hydra_out, cwd = hydra_dirs()
     out_dir = out_dir or hydra_out or os.getcwd()
     os.makedirs(out_dir, exist_ok=True)
     seed_everything(cfg.seed)
-    tracker = tracking.start_run(cfg, run_name=os.path.basename(out_dir), cwd=cwd)
+    if distributed.launched_by_torchrun():
+        distributed.init(cfg.train.device)
+    main = distributed.is_main()  # under torchrun only rank 0 logs and writes files
+    tracker = tracking.start_run(cfg, run_name=os.path.basename(out_dir), cwd=cwd) if main else None
     status = "FAILED"
     try:
         if tracker:
             tracker.log_params(tracking.flatten(cfg))
             tracker.set_tags({"run_dir": os.path.abspath(out_dir)})
         metrics = _train(cfg, out_dir, cwd, tracker, on_eval)
-        objective = metrics.get(cfg.objective.metric)
-        if objective is None:
-            raise ConfigError(
-                f"config key 'objective.metric' = {cfg.objective.metric!r}: not a metric of this run; "
-                f"expected one of {', '.join(sorted(metrics))}"
-            )
-        result = {"objective": objective, "objective_metric": cfg.objective.metric, "metrics": metrics}
-        with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
-            json.dump(result, f, indent=2)
+        objective = objective_values(cfg, metrics)
+        metric = OmegaConf.to_container(cfg.objective)["metric"]
+        result = {"objective": objective, "objective_metric": metric, "metrics": metrics}
+        if main:
+            with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
+                json.dump(result, f, indent=2)
         if tracker:
             tracker.log_artifact(os.path.join(out_dir, METRICS_FILE))
             tracker.log_artifact(os.path.join(out_dir, ".hydra"), "hydra")
-            tracker.log_metrics({"objective": objective}, step=0)
+            tracker.log_metrics(objective_metrics(objective), step=0)
         status = "FINISHED"
+        distributed.barrier()  # torchrun: no rank leaves while rank 0 still writes
         return objective
+    except (TrialStopped, KeyboardInterrupt):  # stopped on purpose: pruned, or Ctrl-C
+        status = "KILLED"
+        raise
     finally:
         if tracker:
             tracker.end(status)
+        distributed.close()
+
+
+def objective_values(cfg: DictConfig, metrics: Dict[str, float]) -> Objective:
+    """The objective metric's final value, or a tuple of them for a multi-objective config."""
+    values = []
+    for metric, _ in objective_spec(cfg):
+        if metric not in metrics:
+            raise ConfigError(
+                f"config key 'objective.metric' = {metric!r}: not a metric of this run; "
+                f"expected one of {', '.join(sorted(metrics))}"
+            )
+        values.append(metrics[metric])
+    return tuple(values) if OmegaConf.is_list(cfg.objective.metric) else values[0]
+
+
+def objective_metrics(objective: Objective) -> Dict[str, float]:
+    """MLflow metrics of the objective: `objective`, or `objective/0`, `objective/1`, ..."""
+    if isinstance(objective, tuple):
+        return {f"objective/{i}": v for i, v in enumerate(objective)}
+    return {"objective": objective}
+
+
+def sweep_callbacks(cfg: DictConfig, total_steps: int) -> List[EvalCallback]:
+    """When this run is a trial of a sweep (`sweep.trial_number` set by the sweeper): the callback
+    that reports each eval's objective to the study and stops the run if the pruner says so."""
+    if OmegaConf.select(cfg, "sweep.trial_number") is None:
+        return []
+    from dpo_sweep.sweep import trial_reporter  # imports optuna: only in sweep trials
+
+    return [trial_reporter(cfg, total_steps)]
 
 
 def build_trainer(cfg: DictConfig, cwd: Optional[str] = None, tracker=None, on_eval=()) -> Tuple[Trainer, Any]:
     """Tokenizer, data (checked before any model loads), policy, reference, and the Trainer."""
-    device = models.resolve_device(cfg.train.device)
+    device = distributed.init(cfg.train.device) if distributed.launched_by_torchrun() else \
+        models.resolve_device(cfg.train.device)
     autocast = reference.autocast_for(device, precision_for(device, cfg.train.precision))
     tokenizer = models.load_tokenizer(cfg.model)
     data = load_preference_data(cfg.dataset, tokenizer, cfg.train.max_length, cfg.train.max_prompt_length)
@@ -109,7 +159,19 @@ def build_trainer(cfg: DictConfig, cwd: Optional[str] = None, tracker=None, on_e
         tracker.log_metrics({"data/train_pairs": len(data.train), "data/eval_pairs": len(data.eval),
                              "data/skipped_rows": data.skipped}, step=0)
     policy = models.load_policy(cfg.model, tokenizer, cfg.seed).to(device)
-    ref = build_reference(cfg, policy, data, tokenizer.pad_token_id, device, autocast, cwd)
+    if cfg.train.fsdp:
+        if distributed.world_size() < 2:
+            raise ConfigError("config key 'train.fsdp' = True: expected a run under torchrun with >= 2 processes")
+        ref_model = models.make_reference(policy) if cfg.train.reference == "copy" else None
+        distributed.shard_model(policy, device)
+        if ref_model is not None:
+            distributed.shard_model(ref_model, device)
+            ref = reference.LiveReference(ref_model, autocast, head_only=False)
+        else:
+            ref = build_reference(cfg, policy, data, tokenizer.pad_token_id, device, autocast, cwd)
+    else:
+        ref = build_reference(cfg, policy, data, tokenizer.pad_token_id, device, autocast, cwd)
+    models.configure_training(policy, cfg.train.gradient_checkpointing, cfg.train.compile)
     trainer = Trainer(
         cfg, policy, ref, data.train, data.eval, tokenizer.pad_token_id, device, autocast,
         log_metrics=tracker.log_metrics if tracker else (lambda m, s: None), on_eval=on_eval,
@@ -117,13 +179,42 @@ def build_trainer(cfg: DictConfig, cwd: Optional[str] = None, tracker=None, on_e
     return trainer, tokenizer
 
 
+def _resume(cfg: DictConfig, trainer: Trainer, out_dir: str, tracker) -> None:
+    """Checkpoints go to <run>/checkpoint/; with train.resume, continue from the one there."""
+    trainer.checkpoint_dir = os.path.join(out_dir, "checkpoint")
+    path = os.path.join(trainer.checkpoint_dir, CHECKPOINT_FILE)
+    if not cfg.train.resume:
+        return
+    if not os.path.exists(path):
+        log.info("train.resume: no checkpoint at %s, starting from step 0", path)
+        return
+    trainer.load_checkpoint(path)
+    if tracker:  # this MLflow run gets the whole curve, the steps before the checkpoint included
+        for step, metrics in enumerate(trainer.history, start=1):
+            tracker.log_metrics(metrics, step)
+
+
 def _train(cfg: DictConfig, out_dir: str, cwd: Optional[str], tracker, on_eval) -> Dict[str, float]:
-    trainer, tokenizer = build_trainer(cfg, cwd, tracker, on_eval)
+    if cfg.trainer == "trl":  # TRL's DPOTrainer on the same config (a cross-check backend)
+        from dpo_sweep import trl_backend
+
+        trainer, tokenizer = trl_backend.build_trainer(cfg, out_dir, cwd, tracker, on_eval)
+    else:
+        trainer, tokenizer = build_trainer(cfg, cwd, tracker, on_eval)
+    trainer.on_eval.extend(sweep_callbacks(cfg, trainer.total_steps))
+    if isinstance(trainer, Trainer):
+        _resume(cfg, trainer, out_dir, tracker)
     metrics = trainer.fit()
+    state_dict = None
+    if cfg.train.fsdp and cfg.train.save_model:  # gathered by every rank, saved by rank 0
+        state_dict = distributed.full_state_dict(trainer.policy)
+    if not distributed.is_main():
+        return metrics
+    if isinstance(trainer, Trainer) and os.path.isdir(trainer.checkpoint_dir):
+        shutil.rmtree(trainer.checkpoint_dir)  # finished: the checkpoint is no longer needed
     if cfg.train.save_model:
         path = os.path.join(out_dir, "model")
-        trainer.policy.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        models.save_model(trainer.policy, tokenizer, path, merge=cfg.model.lora.merge, state_dict=state_dict)
         log.info("model saved to %s", path)
     return metrics
 

@@ -62,15 +62,31 @@ class DPOObjective:
         return losses, reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
 
 
+def steps_per_epoch(n_pairs: int, batch_size: int, grad_accum: int, world: int = 1) -> int:
+    """Optimizer steps in one epoch: a last incomplete step is dropped, and (with several
+    processes) a last batch too small to give every rank a pair."""
+    full, rest = divmod(n_pairs, batch_size)
+    micro_batches = full + (1 if rest >= world else 0)
+    return max(1, micro_batches // grad_accum)
+
+
+def epoch_order(pairs: Sequence[Pair], t: DictConfig, seed: int, epoch: int, n_steps: int) -> List[List[int]]:
+    """The micro-batches of one epoch, in order: a pure function of (seed, epoch), so a resumed
+    run (or another backend) sees the same batches. `t` is the train config."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = batch_indices(pairs, t.batch_size, t.shuffle, t.group_by_length, generator)
+    return order[: n_steps * t.grad_accum]
+
+
 class PolicyLogps(torch.nn.Module):
     """The policy's forward as one module, so that DDP wraps exactly what training calls."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, head_only: bool = True):
         super().__init__()
-        self.model = model
+        self.model, self.head_only = model, head_only
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tuple[Tensor, Tensor]:
-        return sequence_logps(self.model, input_ids, attention_mask, loss_mask)  # (N,), (N,)
+        return sequence_logps(self.model, input_ids, attention_mask, loss_mask, self.head_only)  # (N,), (N,)
 
 
 def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
@@ -95,14 +111,15 @@ def build_optimizer(model: PreTrainedModel, cfg: DictConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def _mean(values: List[Dict[str, Tensor]], device: torch.device) -> Dict[str, float]:
+def _mean(values: List[Dict[str, Tensor]], device: torch.device, across_ranks: bool = True) -> Dict[str, float]:
     """Average per-pair metrics over all pairs of several batches, and of every rank."""
     sums: Dict[str, float] = {}
     for v in values:
         for k, t in v.items():
             sums[k] = sums.get(k, 0.0) + t.detach().double().sum().item()
     sums["_pairs"] = float(sum(len(v["loss"]) for v in values))
-    sums = distributed.reduce_sums(sums, device)
+    if across_ranks:
+        sums = distributed.reduce_sums(sums, device)
     n = max(sums.pop("_pairs"), 1.0)
     return {k: v / n for k, v in sums.items()}
 
@@ -131,18 +148,16 @@ class Trainer:
         if self.t.batch_size % self.world:
             raise ConfigError(f"config key 'train.batch_size' = {self.t.batch_size}: expected a multiple of "
                               f"the number of processes ({self.world}); it is the global batch")
-        full, rest = divmod(len(train_pairs), self.t.batch_size)
-        micro_batches = full + (1 if rest >= self.world else 0)  # every rank needs a pair of each batch
-        self.steps_per_epoch = max(1, micro_batches // self.t.grad_accum)
+        self.steps_per_epoch = steps_per_epoch(len(train_pairs), self.t.batch_size, self.t.grad_accum, self.world)
         self.total_steps = self.t.max_steps if self.t.max_steps > 0 else self.t.epochs * self.steps_per_epoch
         warmup = self.t.warmup_steps or int(self.t.warmup_ratio * self.total_steps)
         self.optimizer = build_optimizer(policy, cfg.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.t.lr_schedule, warmup, self.total_steps)
         )
-        self.logps = PolicyLogps(policy)  # eval, and training in one process
+        self.logps = PolicyLogps(policy, head_only=not self.t.fsdp)  # eval, and training in one process
         self.train_logps = self.logps
-        if self.world > 1:
+        if self.world > 1 and not self.t.fsdp:  # FSDP (sharded by build_trainer) reduces on its own
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
@@ -157,11 +172,7 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def epoch_batches(self, epoch: int) -> List[List[int]]:
-        """The micro-batches of one epoch, in order: a pure function of (seed, epoch), so a resumed
-        run sees the same batches. A last incomplete optimizer step is dropped."""
-        generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-        order = batch_indices(self.train_pairs, self.t.batch_size, self.t.shuffle, self.t.group_by_length, generator)
-        return order[: self.steps_per_epoch * self.t.grad_accum]
+        return epoch_order(self.train_pairs, self.t, self.cfg.seed, epoch, self.steps_per_epoch)
 
     def micro_batches(self, start_step: int = 0):
         """Endless (epoch, this rank's indices, batch, pairs in the whole batch) from optimizer
@@ -184,7 +195,7 @@ class Trainer:
         n_pairs = sum(n for _, _, n in micro)  # of the whole step, all ranks together
         per_pair: List[Dict[str, Tensor]] = []
         for i, (idx, batch, _) in enumerate(micro):
-            sync = i == len(micro) - 1 or self.world == 1  # DDP: reduce gradients once, at the last
+            sync = i == len(micro) - 1 or self.world == 1 or self.t.fsdp  # DDP: reduce once, at the last
             with self.autocast(), (contextlib.nullcontext() if sync else self.train_logps.no_sync()):
                 losses, metrics = self.objective(self.train_logps, self.reference, batch, "train", idx)
                 # DDP averages gradients over ranks: scaling by world gives the mean over all pairs
@@ -211,7 +222,7 @@ class Trainer:
     def _clip(self) -> float:
         params = [p for p in self.policy.parameters() if p.grad is not None]
         max_norm = self.t.max_grad_norm if self.t.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()
         if not math.isfinite(norm):
             raise TrainingError(f"non-finite gradient norm at step {self.step + 1}; "
                                 f"lower optimizer.lr (= {self.cfg.optimizer.lr}) or check the data")
@@ -224,13 +235,15 @@ class Trainer:
         self.policy.eval()
         per_pair = []
         batches = batch_indices(self.eval_pairs, self.t.eval_batch_size, shuffle=False, group_by_length=True)
-        for idx in distributed.shard(batches, self.world, self.rank):  # whole batches per rank
+        # Whole batches per rank; under FSDP every rank must join every forward, so each runs all.
+        mine = batches if self.t.fsdp else distributed.shard(batches, self.world, self.rank)
+        for idx in mine:
             batch = self._to_device(collate([self.eval_pairs[i] for i in idx], self.pad_id))
             with self.autocast():
                 losses, metrics = self.objective(self.logps, self.reference, batch, "eval", idx)
             per_pair.append(dict(metrics, loss=losses))
         self.policy.train()
-        return {f"eval/{k}": v for k, v in _mean(per_pair, self.device).items()}
+        return {f"eval/{k}": v for k, v in _mean(per_pair, self.device, across_ranks=not self.t.fsdp).items()}
 
     def _eval_and_report(self) -> Dict[str, float]:
         metrics = self.evaluate()

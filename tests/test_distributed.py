@@ -16,12 +16,12 @@ ARGS = [f"train.max_steps={STEPS}", "train.batch_size=8", "train.grad_accum=2", 
         "train.progress=false", "train.device=cpu", "optimizer.lr=2e-3"]
 
 
-def run(tmp_path, name, launcher):
+def run(tmp_path, name, launcher, extra=()):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = launcher + ["-m", "dpo_sweep", *ARGS, f"hydra.run.dir={tmp_path}/{name}", f"tracking.uri={uri}",
+    cmd = launcher + ["-m", "dpo_sweep", *ARGS, *extra, f"hydra.run.dir={tmp_path}/{name}", f"tracking.uri={uri}",
                       f"tracking.run_name={name}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("dpo-sweep")
@@ -31,11 +31,13 @@ def run(tmp_path, name, launcher):
     return found, history
 
 
+TORCHRUN = (shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run").split()
+
+
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
-    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
     single, h1 = run(tmp_path, "single", [sys.executable])
-    ddp, h2 = run(tmp_path, "ddp", torchrun.split() + ["--nproc_per_node=2", "--master_port=29533"])
+    ddp, h2 = run(tmp_path, "ddp", TORCHRUN + ["--nproc_per_node=2", "--master_port=29533"])
     for key in h1:
         assert len(h1[key]) == len(h2[key]) == STEPS
         assert h2[key] == pytest.approx(h1[key], abs=1e-5), key
@@ -43,3 +45,18 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     # Only rank 0 logged: one MLflow run, one run folder.
     assert os.listdir(tmp_path / "ddp" / ".hydra")
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ddp", "mlartifacts", "outputs", "single"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reference", ["precomputed", "copy"])
+def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, reference):
+    from transformers import AutoModelForCausalLM
+
+    ref = [f"train.reference={reference}"]
+    single, h1 = run(tmp_path, "single", [sys.executable], ref)
+    fsdp, h2 = run(tmp_path, "fsdp", TORCHRUN + ["--nproc_per_node=2", "--master_port=29534"],
+                   ref + ["train.fsdp=true", "train.save_model=true"])
+    for key in h1:
+        assert h2[key] == pytest.approx(h1[key], abs=1e-5), key
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model")  # gathered whole
+    assert model.config.hidden_size == 64

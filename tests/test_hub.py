@@ -12,7 +12,7 @@ from dpo_sweep.models import load_tokenizer
 def test_phi2_preset_loads_through_transformers():
     cfg = compose(["model=phi2", "dataset=truthy"])
     validate(cfg)
-    assert cfg.model.name_or_path == "microsoft/phi-2" and cfg.model.config is None
+    assert cfg.model.name_or_path == "microsoft/phi-2" and not cfg.model.config
     with pytest.raises(OSError, match="microsoft/phi-2"):
         load_tokenizer(cfg.model)
 

@@ -1,0 +1,348 @@
+"""TRL's DPOTrainer as a second backend: `python -m dpo_sweep trainer=trl [overrides]`.
+
+The same composed config trains through TRL 1.16's DPOTrainer instead of our Trainer, for
+cross-checks and benchmarks. Everything that decides the numbers comes from our own code, so the
+two backends start from the same place:
+- data: our loader, validation and tokenisation (`dpo_sweep.data`); TRL receives the tokenised
+  pairs as `prompt_ids`/`chosen_ids`/`rejected_ids` columns and does not re-tokenise them;
+- order: the train rows are laid out in the order our Trainer visits them (same seed, shuffle,
+  length grouping, epochs) and read in our micro-batches, eval rows in our eval batch order;
+- model and optimizer: our `models.load_policy` and `trainer.build_optimizer`;
+- metrics: TRL's per-step log is renamed to ours (`train/loss`, `train/rewards/chosen`, ...,
+  `eval/...`) and sent to the same MLflow run; `fit()` returns the dict run_trial writes to
+  metrics.json.
+
+Settings TRL 1.16 cannot honour raise ConfigError naming the key (see `check_config`). TRL is
+imported only here, and only when `trainer=trl`: `pip install 'dpo-sweep[trl]'`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from omegaconf import DictConfig
+from transformers import TrainerCallback
+
+from dpo_sweep import distributed, models
+from dpo_sweep.config import ConfigError
+from dpo_sweep.data import Pair, batch_indices, load_preference_data
+from dpo_sweep.trainer import EvalCallback, build_optimizer, epoch_order, steps_per_epoch
+
+log = logging.getLogger(__name__)
+
+TRL_REQUIREMENT = "trl>=1.16,<2"
+INSTALL_HINT = f"pip install 'dpo-sweep[trl]' (or pip install '{TRL_REQUIREMENT}')"
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# Our lr_schedule -> transformers' lr_scheduler_type. Ours warms up linearly in every schedule,
+# so "constant" is transformers' "constant_with_warmup" (its "constant" ignores warmup).
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+# Per-pair metrics TRL logs under the names we use (we add the train/ or eval/ prefix).
+SHARED_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                  "logps/chosen", "logps/rejected")
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key whose value TRL 1.16's DPOTrainer cannot honour.
+
+    No TRL import, no model, no data (only torchrun's WORLD_SIZE is read); called before anything
+    loads.
+    """
+    t, loss = cfg.train, cfg.loss
+    if t.reference == "none":
+        raise ConfigError("config key 'train.reference' = 'none': TRL 1.16's DPOTrainer has no reference-free "
+                          "mode; use train.reference=copy or precomputed, or trainer=dpo_sweep")
+    if loss.name == "sigmoid" and loss.label_smoothing > 0:
+        raise ConfigError(f"config key 'loss.label_smoothing' = {loss.label_smoothing!r}: TRL 1.16 ignores label "
+                          "smoothing in its sigmoid loss, so cDPO (loss=cdpo) cannot run there; use loss=robust, "
+                          "or trainer=dpo_sweep")
+    if loss.length_normalize != (loss.name == "ipo"):
+        raise ConfigError(f"config key 'loss.length_normalize' = {loss.length_normalize!r}: TRL 1.16 "
+                          f"length-normalises the ipo loss and no other, so loss.name={loss.name} needs "
+                          f"loss.length_normalize={str(loss.name == 'ipo').lower()}; or use trainer=dpo_sweep")
+    if t.lr_schedule not in SCHEDULES:
+        raise ConfigError(f"config key 'train.lr_schedule' = {t.lr_schedule!r}: no transformers scheduler "
+                          f"matches it; with trainer=trl expected one of {', '.join(SCHEDULES)}")
+    if t.checkpoint_every > 0 or t.resume:
+        key = "train.checkpoint_every" if t.checkpoint_every > 0 else "train.resume"
+        raise ConfigError(f"config key '{key}' = {t[key.split('.')[1]]!r}: checkpoints and resume are "
+                          "our Trainer's (trainer=dpo_sweep); the TRL backend runs start to end")
+    if t.fsdp or distributed.launched_by_torchrun():
+        key, value = ("train.fsdp", t.fsdp) if t.fsdp else ("trainer", "trl")
+        raise ConfigError(f"config key '{key}' = {value!r}: the TRL backend runs in one process (its own "
+                          "multi-process batching differs from ours); run it without torchrun, or use "
+                          "trainer=dpo_sweep")
+    if t.device.startswith("cuda:") and t.device != "cuda:0":
+        raise ConfigError(f"config key 'train.device' = {t.device!r}: the transformers Trainer picks the GPU "
+                          "itself; use train.device=cuda and CUDA_VISIBLE_DEVICES to choose one")
+
+
+def import_trl():
+    """The trl module, checked against the version range this backend is written for."""
+    try:
+        import trl
+    except ImportError as e:
+        raise ConfigError(f"config key 'trainer' = 'trl' needs the trl package ({TRL_REQUIREMENT}), which is not "
+                          f"installed: {INSTALL_HINT}") from e
+    from packaging.version import Version
+
+    if not Version("1.16") <= Version(trl.__version__) < Version("2"):
+        raise ConfigError(f"config key 'trainer' = 'trl' needs {TRL_REQUIREMENT}, found trl {trl.__version__}: "
+                          f"{INSTALL_HINT}")
+    return trl
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def total_steps(cfg: DictConfig, n_pairs: int) -> int:
+    t = cfg.train
+    return t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch(n_pairs, t.batch_size, t.grad_accum)
+
+
+def train_batches(pairs: Sequence[Pair], cfg: DictConfig, steps: int) -> List[List[int]]:
+    """Pair indices of each micro-batch our Trainer trains on over `steps` optimizer steps."""
+    t = cfg.train
+    per_epoch = steps_per_epoch(len(pairs), t.batch_size, t.grad_accum)
+    batches: List[List[int]] = []
+    epoch = 0
+    while len(batches) < steps * t.grad_accum:
+        batches += epoch_order(pairs, t, cfg.seed, epoch, per_epoch)
+        epoch += 1
+    return batches[: steps * t.grad_accum]
+
+
+def consecutive(batches: Sequence[Sequence[int]]) -> List[List[int]]:
+    """Row numbers of each batch once the batches are laid out one after another:
+    [[7, 2], [5]] -> [[0, 1], [2]]."""
+    out, start = [], 0
+    for idx in batches:
+        out.append(list(range(start, start + len(idx))))
+        start += len(idx)
+    return out
+
+
+def eval_order(pairs: Sequence[Pair], batch_size: int) -> List[int]:
+    """Pair indices in our eval batch order (length-grouped, not shuffled; Trainer.evaluate)."""
+    return [i for idx in batch_indices(pairs, batch_size, shuffle=False, group_by_length=True) for i in idx]
+
+
+def to_dataset(pairs: Sequence[Pair], order: Sequence[int]):
+    """A datasets.Dataset of tokenised pairs in `order`, one row per visit, with TRL's columns."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({col: [list(getattr(pairs[i], col)) for i in order] for col in TOKEN_COLUMNS})
+
+
+# ---------------------------------------------------------------------------- TRL objects
+
+
+@functools.lru_cache(maxsize=1)
+def pretokenised_trainer_class():
+    """DPOTrainer that takes already tokenised pairs as they are, in our batches.
+
+    TRL 1.16 re-tokenises every dataset from text in `_prepare_dataset` (prompt + completion as
+    one string, its own EOS, no prompt truncation); skipping that for rows that already hold
+    token ids keeps our tokenisation, truncation and chat-template handling. Its train loader
+    cuts the rows into equal batches; given `batch_rows` (row numbers of each micro-batch) it
+    yields those instead, so a partial batch sits where ours does. Eval metrics are weighted by
+    batch size (`_weight_eval_batches`).
+    """
+    import_trl()
+    from torch.utils.data import DataLoader
+    from trl import DPOTrainer
+
+    class PretokenisedDPOTrainer(DPOTrainer):
+        def __init__(self, *args, batch_rows: Optional[List[List[int]]] = None, **kwargs):
+            self.batch_rows = batch_rows
+            super().__init__(*args, **kwargs)
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if set(TOKEN_COLUMNS) <= set(dataset.column_names):
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+        def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
+            if not self.model.training and self.eval_dataset is not None:
+                self._weight_eval_batches()
+            super().log(logs, start_time)
+
+        def _weight_eval_batches(self) -> None:
+            """TRL logs the plain mean of per-batch means; weight each batch by its pairs, so that
+            eval metrics are means over pairs, as ours (they differ when the last batch is short)."""
+            n, size = len(self.eval_dataset), self.args.per_device_eval_batch_size
+            sizes = [size] * (n // size) + ([n % size] if n % size else [])
+            for values in self._metrics["eval"].values():
+                if len(values) == len(sizes):  # one mean per eval batch
+                    values[:] = [sum(v * k for v, k in zip(values, sizes)) / n]
+
+        def get_train_dataloader(self) -> DataLoader:
+            if self.batch_rows is None:
+                return super().get_train_dataloader()
+            dataset = self._remove_unused_columns(self.train_dataset, description="training")
+            loader = DataLoader(dataset, batch_sampler=self.batch_rows, collate_fn=self.data_collator,
+                                num_workers=self.args.dataloader_num_workers,
+                                pin_memory=self.args.dataloader_pin_memory)
+            return self.accelerator.prepare(loader)
+
+    return PretokenisedDPOTrainer
+
+
+def dpo_args(cfg: DictConfig, output_dir: str, device: torch.device, steps: int, warmup: int):
+    """TRL's DPOConfig for this run: our settings, fixed data order, logs every step, no saves."""
+    import_trl()
+    from trl import DPOConfig
+
+    from dpo_sweep.run import precision_for
+
+    t = cfg.train
+    return DPOConfig(
+        output_dir=output_dir,
+        max_steps=steps,  # our step count, whatever epochs says: the train rows already span them
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=cfg.optimizer.lr,  # the optimizer is ours; this one is for TRL's own logs
+        weight_decay=cfg.optimizer.weight_decay,
+        lr_scheduler_type=SCHEDULES[t.lr_schedule],
+        warmup_steps=warmup,
+        max_grad_norm=max(0.0, t.max_grad_norm),  # 0: no clipping; the norm is still logged
+        beta=cfg.beta,
+        loss_type=[cfg.loss.name],
+        label_smoothing=cfg.loss.label_smoothing,  # used by robust only
+        max_length=t.max_length,  # our pairs already fit: TRL's truncation never cuts
+        precompute_ref_log_probs=t.reference == "precomputed",
+        train_sampling_strategy="sequential",  # unused with batch_rows: our batches, in our order
+        seed=cfg.seed,
+        bf16=precision_for(device, t.precision) == "bf16",  # autocast, as ours; TRL's default is on
+        use_cpu=device.type == "cpu",
+        disable_dropout=False,  # models.load_policy already did (LoRA dropout stays, as in ours)
+        gradient_checkpointing=False,  # TRL's default is on; train.gradient_checkpointing is applied to
+        # the policy by models.configure_training, as for our Trainer
+        logging_steps=1,  # per-step metrics; log_every is applied when they reach MLflow
+        eval_strategy="no",  # evals are triggered by MetricsBridge, as our Trainer schedules them
+        save_strategy="no",
+        report_to="none",  # MLflow goes through dpo_sweep.tracking, not transformers' integration
+        disable_tqdm=not t.progress,
+        dataloader_num_workers=0,
+    )
+
+
+class MetricsBridge(TrainerCallback):
+    """Renames TRL's logs to ours, sends them to the tracker, runs eval on our schedule.
+
+    Train logs: train/{loss, rewards/*, logps/*, grad_norm, lr, epoch} at every step (kept in
+    `history`, sent to the tracker every train.log_every steps and at the last). Eval: every
+    train.eval_every steps before the last (0: none), and once at the end by `TRLRun.fit`; each
+    goes to the tracker and to the on_eval callbacks, which may raise to stop the run.
+    """
+
+    def __init__(self, cfg: DictConfig, steps: int, steps_per_epoch: int,
+                 log_metrics: Callable[[Dict[str, float], int], None], on_eval: Sequence[EvalCallback]):
+        self.t, self.steps, self.steps_per_epoch = cfg.train, steps, steps_per_epoch
+        self.log_metrics, self.on_eval = log_metrics, list(on_eval)
+        self.history: List[Dict[str, float]] = []
+        self.last_eval: Dict[str, float] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        every = self.t.eval_every
+        if every and state.global_step % every == 0 and state.global_step < self.steps:
+            control.should_evaluate = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, lr_scheduler=None, **kwargs):
+        if not logs or "loss" not in logs or "rewards/chosen" not in logs:
+            return  # an eval log or the end-of-training summary
+        step = state.global_step
+        metrics = {f"train/{k}": float(logs[k]) for k in SHARED_METRICS}
+        metrics["train/grad_norm"] = float(logs["grad_norm"])
+        # As our Trainer logs it: the lr after this step's scheduler update (TRL logs the one it used).
+        metrics["train/lr"] = float(lr_scheduler.get_last_lr()[0])
+        metrics["train/epoch"] = (step - 1) // self.steps_per_epoch + 1
+        self.history.append(metrics)
+        if step % self.t.log_every == 0 or step == self.steps:
+            self.log_metrics(metrics, step)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.last_eval = {f"eval/{k}": float(metrics[f"eval_{k}"]) for k in SHARED_METRICS}
+        self.log_metrics(self.last_eval, state.global_step)
+        for callback in self.on_eval:
+            callback(state.global_step, self.last_eval)
+
+
+class TRLRun:
+    """A DPOTrainer set up from our config, with our Trainer's surface: `fit()` returns metrics
+    named as ours; `history`, `total_steps`, `policy`, and `on_eval` (a list callers may extend,
+    e.g. with a sweep's pruning callback)."""
+
+    def __init__(self, trainer, policy, bridge: MetricsBridge):
+        self.trainer, self.policy, self.bridge = trainer, policy, bridge
+        self.total_steps = bridge.steps
+        self.on_eval = bridge.on_eval  # the same list: callbacks added here run at every eval
+
+    @property
+    def history(self) -> List[Dict[str, float]]:
+        """Train metrics of every optimizer step, one dict a step (as Trainer.history)."""
+        return self.bridge.history
+
+    def fit(self) -> Dict[str, float]:
+        """Train, then eval once; return the last train metrics and the final eval metrics."""
+        self.trainer.train()
+        self.trainer.evaluate()
+        log.info("final eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in self.bridge.last_eval.items()))
+        return {**self.history[-1], **self.bridge.last_eval}
+
+
+def build_trainer(cfg: DictConfig, out_dir: str, cwd: Optional[str] = None, tracker=None,
+                  on_eval: Sequence[EvalCallback] = ()) -> Tuple[TRLRun, Any]:
+    """Tokenizer, data (checked before any model loads), policy, reference, and TRL's trainer.
+
+    Mirrors dpo_sweep.run.build_trainer; TRL's own files (none are saved) would go to
+    `<out_dir>/trl`. `cwd` is unused: TRL caches precomputed reference log-probs itself.
+    """
+    check_config(cfg)
+    import_trl()
+    from transformers import PrinterCallback
+
+    device = models.resolve_device(cfg.train.device)
+    tokenizer = models.load_tokenizer(cfg.model)
+    data = load_preference_data(cfg.dataset, tokenizer, cfg.train.max_length, cfg.train.max_prompt_length)
+    log.info("data: %d train pairs, %d eval pairs, %d rows skipped", len(data.train), len(data.eval), data.skipped)
+    log_metrics = tracker.log_metrics if tracker else (lambda m, s: None)
+    log_metrics({"data/train_pairs": len(data.train), "data/eval_pairs": len(data.eval),
+                 "data/skipped_rows": data.skipped}, 0)
+    steps = total_steps(cfg, len(data.train))
+    per_epoch = steps_per_epoch(len(data.train), cfg.train.batch_size, cfg.train.grad_accum)
+    warmup = cfg.train.warmup_steps or int(cfg.train.warmup_ratio * steps)
+    batches = train_batches(data.train, cfg, steps)
+    train_set = to_dataset(data.train, [i for idx in batches for i in idx])
+    eval_set = to_dataset(data.eval, eval_order(data.eval, cfg.train.eval_batch_size))
+
+    policy = models.load_policy(cfg.model, tokenizer, cfg.seed).to(device)
+    # TRL would reload the reference from the policy's hub name, which a model built from
+    # model.config does not have: hand it our frozen copy. None: precomputed (TRL uses the policy
+    # before its first step, then drops it), or LoRA (TRL scores the reference with a frozen copy
+    # of the fresh adapter, which is the base model, as our AdapterOffReference).
+    copy = cfg.train.reference == "copy" and not models.is_lora(policy)
+    ref_model = models.make_reference(policy) if copy else None
+    models.configure_training(policy, cfg.train.gradient_checkpointing, cfg.train.compile)
+    bridge = MetricsBridge(cfg, steps, per_epoch, log_metrics, on_eval)
+    trainer = pretokenised_trainer_class()(
+        model=policy,
+        ref_model=ref_model,
+        args=dpo_args(cfg, os.path.join(out_dir, "trl"), device, steps, warmup),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        callbacks=[bridge],
+        optimizers=(build_optimizer(policy, cfg.optimizer), None),  # ours: no decay on 1-d weights
+        batch_rows=consecutive(batches),
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
+    return TRLRun(trainer, policy, bridge), tokenizer
