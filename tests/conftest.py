@@ -55,3 +55,78 @@ def write_jsonl(path, rows):
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return str(path)
+
+
+def postgres_bin_dir():
+    """The folder of PostgreSQL's server programs (initdb, pg_ctl): on the PATH, or Debian's
+    /usr/lib/postgresql/<version>/bin (newest version); None when PostgreSQL is not installed."""
+    import glob
+    import shutil
+
+    found = shutil.which("pg_ctl")
+    if found and shutil.which("initdb"):
+        return os.path.dirname(os.path.realpath(found))
+    folders = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2].split(".")[0]))
+    return next((f for f in reversed(folders) if os.path.exists(os.path.join(f, "pg_ctl"))), None)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server on 127.0.0.1 (a free port, trust auth, fsync off) with one
+    database; yields its SQLAlchemy URL and stops the server at the end. PostgreSQL refuses to run
+    as root, so as root the server runs as the `postgres` OS user (created by the apt package).
+    Skipped, saying why, where PostgreSQL is not installed (`.ci/run` installs it)."""
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (no pg_ctl on the PATH or under /usr/lib/postgresql/*/bin); "
+                    "install it with `apt-get install postgresql`, as .ci/run does")
+    psycopg2 = pytest.importorskip("psycopg2", reason="the PostgreSQL driver is missing: pip install psycopg2-binary "
+                                   "(in the test extra)")
+    user = {}
+    if os.geteuid() == 0:
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` OS user to run PostgreSQL as "
+                        "(PostgreSQL refuses to run as root; `apt-get install postgresql` creates the user)")
+        user = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+    root = tempfile.mkdtemp(prefix="dpo-sweep-pg-")  # under /tmp: pytest's own tmp folders are root-only
+    if user:
+        os.chown(root, user["user"], user["group"])
+    data, log_file, port = os.path.join(root, "data"), os.path.join(root, "server.log"), free_port()
+
+    def pg(program, *args):
+        proc = subprocess.run([os.path.join(bin_dir, program), *args], cwd=root, capture_output=True, text=True,
+                              timeout=120, **user)
+        if proc.returncode != 0:
+            server_log = open(log_file).read()[-3000:] if os.path.exists(log_file) else ""
+            raise RuntimeError(f"{program} {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}{server_log}")
+
+    try:
+        pg("initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync")
+        pg("pg_ctl", "-D", data, "-l", log_file, "-w", "-t", "60", "start",
+           "-o", f"-h 127.0.0.1 -p {port} -k {root} -F")
+        try:
+            conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute("CREATE DATABASE dpo_sweep_test")
+            conn.close()
+            yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/dpo_sweep_test"
+        finally:
+            pg("pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")  # throwaway: no shutdown checkpoint
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
