@@ -83,7 +83,7 @@ def test_sweep_params_are_sweeps_over_real_keys(name):
 def test_tiny_sweep_preset_trains(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a precomputed reference caches under ./outputs/cache
     cfg = compose(["+experiment=tiny_sweep"] + shrink("tiny_sweep", tmp_path))
-    assert cfg.tracking.experiment == "tiny-sweep" and cfg.train.eval_every == 20
+    assert cfg.tracking.experiment == "tiny-sweep" and cfg.train.eval_every == 21
     assert cfg.model.config.model_type == "llama" and cfg.dataset.name == "builtin"  # the embedded default
     objective = run_trial(cfg, out_dir=str(tmp_path / "run"))
     result = json.loads((tmp_path / "run" / "metrics.json").read_text())
