@@ -89,7 +89,7 @@ def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[
         distributed.init(cfg.train.device)
     main = distributed.is_main()  # under torchrun only rank 0 logs and writes files
     tracker = tracking.start_run(cfg, run_name=os.path.basename(out_dir), cwd=cwd) if main else None
-    status = "FAILED"
+    status, pruned = "FAILED", False
     try:
         if tracker:
             tracker.log_params(tracking.flatten(cfg))
@@ -108,12 +108,14 @@ def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[
         status = "FINISHED"
         distributed.barrier()  # torchrun: no rank leaves while rank 0 still writes
         return objective
-    except (TrialStopped, KeyboardInterrupt):  # stopped on purpose: pruned, or Ctrl-C
-        status = "KILLED"
+    except (TrialStopped, KeyboardInterrupt) as e:  # stopped on purpose: pruned, or Ctrl-C
+        status, pruned = "KILLED", isinstance(e, TrialStopped)
         raise
     finally:
         if tracker:
             tracker.end(status)
+        if pruned:  # every rank stops at the same step (sweep.trial_reporter); none may exit, and
+            distributed.barrier()  # have torchrun end the others, while rank 0 still ends its run
         distributed.close()
 
 

@@ -13,7 +13,13 @@ The Hydra plugin (`hydra_plugins/dpo_sweep_sweeper`) is a thin shell around `run
 5. at the end: `optimization_results.yaml`, a table of every trial, plots on the parent run.
 
 A trial reports its eval objective to the study itself (`trial_reporter`, attached by run.py when
-`sweep.trial_number` is set); that is how the pruner stops it early.
+`sweep.trial_number` is set); that is how the pruner stops it early. Under torchrun rank 0
+reports and decides for every rank.
+
+Rerunning a killed sweep resumes it: trials its dead sweeper left running are FAIL (interrupted)
+and do not count; their points are asked again under new numbers, from the interrupted trial's
+checkpoint when it left one (`resume_from_checkpoint`); MLflow runs left RUNNING are ended
+(`settle_child_runs`), and a parent run created but never recorded in the study is taken up.
 
 Only this module imports optuna.
 """
@@ -646,13 +652,21 @@ def trial_folder(sw: Sweep, trial: FrozenTrial) -> str:
     return str(trial.user_attrs.get(FOLDER_ATTR) or job_dir(sw, trial.number))
 
 
-def resume_source(sw: Sweep, params: Dict[str, Any]) -> Optional[FrozenTrial]:
-    """The newest interrupted trial at the point `params` whose folder holds a checkpoint: the
-    furthest this point got (a resumed trial starts from its source's checkpoint and goes on)."""
+def resume_source(sw: Sweep, params: Dict[str, Any], job: Sequence[str]) -> Optional[FrozenTrial]:
+    """The newest interrupted trial at the point `params` whose folder holds a checkpoint that
+    fits `job` (`same_training`): the furthest this point got, since a resumed trial starts from
+    its source's checkpoint and goes on. None when there is none."""
+    unfit = []
     for t in reversed(sw.study.get_trials(deepcopy=False)):
-        if (t.user_attrs.get(INTERRUPTED_ATTR) and t.params == params
-                and os.path.isfile(checkpoint_file(trial_folder(sw, t)))):
+        folder = trial_folder(sw, t)
+        if not (t.user_attrs.get(INTERRUPTED_ATTR) and t.params == params and os.path.isfile(checkpoint_file(folder))):
+            continue
+        if same_training(folder, job):
             return t
+        unfit.append(t.number)
+    if unfit:
+        log.warning("not resuming from the checkpoints of interrupted trials %s at %s: launched with other "
+                    "overrides (see their .hydra/overrides.yaml), or not launched", unfit, format_params(params))
     return None
 
 
@@ -698,17 +712,11 @@ def resume_from_checkpoint(sw: Sweep, trial: optuna.Trial, job: List[str]) -> No
     there: the checkpoint goes into the trial's folder, `train.resume=true` into its job, and the
     values the interrupted trial reported up to that step into the study (the resumed run does
     not evaluate those steps again). A checkpoint of other training overrides is not used."""
-    source = resume_source(sw, trial.params)
+    source = resume_source(sw, trial.params, job)
     if source is None:
         return
-    folder = trial_folder(sw, source)
-    if not same_training(folder, job):
-        log.warning("trial %d: not resuming from trial %d's checkpoint: that run was launched with other "
-                    "overrides (see %s); starting from step 0", trial.number, source.number,
-                    os.path.join(folder, ".hydra", "overrides.yaml"))
-        return
     target = checkpoint_file(job_dir(sw, trial.number))
-    place_file(checkpoint_file(folder), target)
+    place_file(checkpoint_file(trial_folder(sw, source)), target)
     job[:] = [o for o in job if not o.startswith("train.resume=")] + ["train.resume=true"]
     trial.set_user_attr(RESUMED_FROM_ATTR, source.number)
     step = checkpoint_step(target)

@@ -146,8 +146,9 @@ def test_tpe_over_intervals_runs_in_parallel_through_joblib(tmp_path, store):
 
 
 def test_killed_sweep_resumes_without_rerunning_or_overwriting(tmp_path, store):
-    # A hundred steps a trial (a second or two): time enough to catch trial 2 running.
-    command = sweep_command(tmp_path, store, "resume", "beta=0.1,0.2,0.3,0.4", "train.max_steps=100")
+    # Thirty steps a trial (seconds): time enough to catch trial 2 running. No checkpoints: it
+    # starts again from step 0 (tests/test_faults.py resumes a killed trial from its checkpoint).
+    command = sweep_command(tmp_path, store, "resume", "beta=0.1,0.2,0.3,0.4", "train.max_steps=30")
     with open(tmp_path / "first.log", "w") as out:
         first = subprocess.Popen(command, cwd=tmp_path, env=env(), stdout=out, stderr=subprocess.STDOUT)
         try:
