@@ -112,6 +112,10 @@ LOSSES: Dict[str, Callable[..., LossOutput]] = {
 }
 
 
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected")
+
+
 def reward_metrics(
     chosen_rewards: Tensor,
     rejected_rewards: Tensor,

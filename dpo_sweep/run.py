@@ -193,7 +193,8 @@ def _resume(cfg: DictConfig, trainer: Trainer, out_dir: str, tracker) -> None:
     trainer.load_checkpoint(path)
     if tracker:  # this MLflow run gets the whole curve, the steps before the checkpoint included
         for step, metrics in enumerate(trainer.history, start=1):
-            tracker.log_metrics(metrics, step)
+            if step % cfg.train.log_every == 0:
+                tracker.log_metrics(metrics, step)
 
 
 def _train(cfg: DictConfig, out_dir: str, cwd: Optional[str], tracker, on_eval) -> Dict[str, float]:

@@ -27,6 +27,7 @@ Only this module imports optuna.
 from __future__ import annotations
 
 import importlib.util
+import json
 import itertools
 import logging
 import math
@@ -49,7 +50,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dpo_sweep import distributed, tracking
 from dpo_sweep.config import ConfigError, objective_spec, validate
-from dpo_sweep.run import TrialStopped
+from dpo_sweep.run import METRICS_FILE, TrialStopped
 from dpo_sweep.trainer import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
@@ -600,7 +601,11 @@ def launch(sweeper, sw: Sweep, batch: List[optuna.Trial]) -> Sequence[Any]:
         sweeper.validate_batch_is_legal(jobs)
         for trial, job in zip(batch, jobs):
             log.info("trial %d: %s", trial.number, " ".join(job[len(sw.fixed): len(sw.fixed) + len(sw.dims)]))
-        return sweeper.launcher.launch(jobs, initial_job_idx=batch[0].number)
+        try:
+            return sweeper.launcher.launch(jobs, initial_job_idx=batch[0].number)
+        except Exception as e:  # a job died (killed, preempted): the launcher gives up on the whole batch
+            log.error("the launcher failed for trials %s: %s: %s", [t.number for t in batch], type(e).__name__, e)
+            return [FolderResult(job_dir(sw, trial.number), e) for trial in batch]
     except BaseException as e:  # Ctrl-C included: the batch's trials did not finish
         for trial in batch:
             if not isinstance(e, Exception):
@@ -608,6 +613,24 @@ def launch(sweeper, sw: Sweep, batch: List[optuna.Trial]) -> Sequence[Any]:
             trial.set_user_attr(ERROR_ATTR, f"not finished: {type(e).__name__}: {e}"[:1000])
             sw.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
+
+
+@dataclass
+class FolderResult:
+    """A trial's result when the launcher failed for its batch as a whole: what the trial wrote to
+    its metrics.json if it finished, else the launcher's error (the trial is then told FAIL)."""
+
+    folder: str
+    error: Exception
+
+    @property
+    def return_value(self) -> Any:
+        path = os.path.join(self.folder, METRICS_FILE)
+        if not os.path.exists(path):
+            raise SweepError(f"the trial's job died before it finished ({type(self.error).__name__}: {self.error})")
+        with open(path) as f:
+            objective = json.load(f)["objective"]
+        return tuple(objective) if isinstance(objective, list) else objective
 
 
 def tell(sw: Sweep, trial: optuna.Trial, result) -> FrozenTrial:

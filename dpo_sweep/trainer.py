@@ -23,7 +23,7 @@ from dpo_sweep import distributed
 from dpo_sweep.config import ConfigError
 from dpo_sweep.data import Pair, batch_indices, collate
 from dpo_sweep.logprobs import sequence_logps
-from dpo_sweep.losses import LOSSES, reward_metrics
+from dpo_sweep.losses import LOSSES, METRIC_NAMES, reward_metrics
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -112,8 +112,9 @@ def build_optimizer(model: PreTrainedModel, cfg: DictConfig) -> torch.optim.Opti
 
 
 def _mean(values: List[Dict[str, Tensor]], device: torch.device, across_ranks: bool = True) -> Dict[str, float]:
-    """Average per-pair metrics over all pairs of several batches, and of every rank."""
-    sums: Dict[str, float] = {}
+    """Average per-pair metrics over all pairs of several batches, and of every rank (a rank
+    with no batch still joins the reduction, with zeros)."""
+    sums: Dict[str, float] = {k: 0.0 for k in METRIC_NAMES + ("loss",)}
     for v in values:
         for k, t in v.items():
             sums[k] = sums.get(k, 0.0) + t.detach().double().sum().item()

@@ -36,8 +36,9 @@ TORCHRUN = (shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
-    single, h1 = run(tmp_path, "single", [sys.executable])
-    ddp, h2 = run(tmp_path, "ddp", TORCHRUN + ["--nproc_per_node=2", "--master_port=29533"])
+    # 10 eval pairs are one eval batch: one rank evaluates nothing and still joins the reduction.
+    single, h1 = run(tmp_path, "single", [sys.executable], ["dataset.eval_size=10"])
+    ddp, h2 = run(tmp_path, "ddp", TORCHRUN + ["--nproc_per_node=2", "--master_port=29533"], ["dataset.eval_size=10"])
     for key in h1:
         assert len(h1[key]) == len(h2[key]) == STEPS
         assert h2[key] == pytest.approx(h1[key], abs=1e-5), key

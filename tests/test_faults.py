@@ -436,3 +436,36 @@ def test_pruning_under_torchrun_is_rank_0s_decision_on_every_rank(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("dpo-sweep").experiment_id])
     assert run.info.status == "KILLED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1]
+
+
+def test_a_killed_job_fails_alone_and_its_finished_batch_mates_count(tmp_path):
+    """The joblib launcher gives up on a whole batch when one worker dies: the trial that had
+    finished is still COMPLETE (from its metrics.json), the killed one FAIL, and the sweep ends."""
+    import psutil
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = command(tmp_path, store, "killed-job", "train.max_steps=2,400", "hydra/launcher=joblib",
+                  "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2")
+    proc = start(cmd, tmp_path, "sweep.log")
+    slow_log = None
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            done = [(tmp_path / "sweep" / str(n) / "metrics.json").exists() for n in (0, 1)]
+            if done[0] and not done[1]:  # trial 0 (2 steps) finished, trial 1 (400 steps) runs
+                slow_log = str(tmp_path / "sweep" / "1")
+                break
+            time.sleep(POLL)
+        assert slow_log, (tmp_path / "sweep.log").read_text()[-3000:]
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if any(f.path.startswith(slow_log) for f in p.open_files())]
+        assert len(workers) == 1, workers
+        workers[0].kill()
+        assert proc.wait(timeout=180) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    states = {t.params["train.max_steps"]: t.state for t in trials_of(tmp_path)}
+    assert states == {2: TrialState.COMPLETE, 400: TrialState.FAIL}
+    failed = [t for t in trials_of(tmp_path) if t.state == TrialState.FAIL][0]
+    assert "job died before it finished" in failed.user_attrs[sweep.ERROR_ATTR]

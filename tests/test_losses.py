@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dpo_sweep.losses import LOSSES, hinge_loss, ipo_loss, reward_metrics, robust_loss, sigmoid_loss
+from dpo_sweep.losses import LOSSES, METRIC_NAMES, hinge_loss, ipo_loss, reward_metrics, robust_loss, sigmoid_loss
 
 LN2 = math.log(2)
 
@@ -96,3 +96,4 @@ def test_accuracy_is_strict():
     r = logps(0.0, 0.0, 0.0)
     m = reward_metrics(c, r, c, r)
     assert_close(m["rewards/accuracies"], logps(1.0, 0.0, 0.0))
+    assert tuple(m) == METRIC_NAMES
