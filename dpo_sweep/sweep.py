@@ -2,10 +2,8 @@
 
 The Hydra plugin (`hydra_plugins/dpo_sweep_sweeper`) is a thin shell around `run_sweep`:
 
-1. the search space comes from `hydra.sweeper.params` and the command line: `x=a,b` and
-   `choice()` are categorical, `range()` is finite (exclusive end, as in Hydra), `interval()` is
-   continuous (`int(...)` for integers, `tag(log, ...)` for a log scale); other overrides are
-   fixed and pass through to every trial;
+1. the search space comes from `hydra.sweeper.params` and the command line (parsed by
+   `sweep_space.py`); other overrides are fixed and pass through to every trial;
 2. the study opens (or resumes) in its storage: a journal file in the sweep folder by default;
 3. the sweep's MLflow parent run is created (or found again on resume) before any trial starts;
 4. a batch of `n_jobs` trials is asked (every grid point once, or the sampler's choice), launched
@@ -28,11 +26,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import itertools
 import logging
 import math
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -42,15 +38,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import optuna
 import yaml
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from dpo_sweep import distributed, tracking
 from dpo_sweep.config import ConfigError, objective_spec, validate
 from dpo_sweep.run import METRICS_FILE, TrialStopped
+from dpo_sweep.sweep_space import Dimension, describe, grid_points, parse_search_space, quote
 from dpo_sweep.trainer import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
@@ -82,132 +77,6 @@ class SweepError(RuntimeError):
 
 class PrunedTrial(TrialStopped, optuna.TrialPruned):
     """Raised inside a trial when the study's pruner stops it: PRUNED in Optuna, KILLED in MLflow."""
-
-
-# -- search space
-
-
-@dataclass(frozen=True)
-class Dimension:
-    """One swept config key: its Optuna distribution and, when finite, its values in order."""
-
-    key: str  # the override key: optimizer.lr, loss, +new.key
-    spec: str  # as written: tag(log, interval(1e-5, 1e-2))
-    distribution: BaseDistribution
-    values: Optional[Tuple[Any, ...]]  # every value (list, choice, range); None for interval()
-
-    def override(self, value: Any) -> str:
-        """The override that sets this key to `value` in a trial."""
-        return f"{self.key}={override_text(value)}"
-
-
-def override_text(value: Any) -> str:
-    """`value` as a Hydra override value: strings quoted (so '1' stays a string), lists and
-    dicts in Hydra's syntax."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(override_text(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{override_text(v)}" for k, v in value.items()) + "}"
-    return quote(str(value))
-
-
-def quote(text: str) -> str:
-    """A single-quoted Hydra string: quotes escaped, and backslashes that precede one (or end
-    the string) doubled, as Hydra's grammar wants."""
-    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
-    return "'" + text.replace("'", "\\'") + "'"
-
-
-def _choice_value(value: Any) -> Any:
-    """A categorical choice as Optuna stores it: primitives as they are, lists and dicts as
-    their override text (Optuna choices must be str, int, float, bool or None)."""
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return override_text(value)
-
-
-def to_dimension(override: Override) -> Dimension:
-    """The Dimension of a sweep override; ConfigError naming the key for what Optuna cannot take."""
-    key = override.get_key_element()
-    spec = override.input_line.split("=", 1)[1] if override.input_line else str(override.value())
-    sweep = override.value()
-
-    def fail(expected: str) -> ConfigError:
-        return ConfigError(f"sweep parameter '{key}' = {spec!r}: expected {expected}")
-
-    if isinstance(sweep, IntervalSweep):
-        return _interval_dimension(key, spec, sweep, fail)
-    if sweep.tags:
-        raise fail("tag(log, ...) only on interval(); choice() and range() take no tags")
-    if isinstance(sweep, ChoiceSweep):
-        values = tuple(dict.fromkeys(_choice_value(v) for v in sweep.list))  # unique, in order
-        return Dimension(key, spec, CategoricalDistribution(values), values)
-    if isinstance(sweep, RangeSweep):
-        return _range_dimension(key, spec, range_values(sweep), sweep, fail)
-    raise fail("a list (a,b,c), choice(), range() or interval()")
-
-
-def _interval_dimension(key: str, spec: str, sweep: IntervalSweep, fail) -> Dimension:
-    if sweep.tags - {"log"}:
-        raise fail(f"no tag but 'log' (got {', '.join(sorted(sweep.tags))})")
-    log_scale = "log" in sweep.tags
-    if not sweep.start < sweep.end:
-        raise fail("interval(low, high) with low < high")
-    if log_scale and sweep.start <= 0:
-        raise fail("low > 0 for a log scale")
-    if isinstance(sweep.start, int) and isinstance(sweep.end, int):  # int(interval(...))
-        return Dimension(key, spec, IntDistribution(sweep.start, sweep.end, log=log_scale), None)
-    return Dimension(key, spec, FloatDistribution(float(sweep.start), float(sweep.end), log=log_scale), None)
-
-
-def range_values(sweep: RangeSweep) -> List[Any]:
-    """The values of range(start, stop, step), end excluded. Floats are counted, not summed, and
-    rounded, so range(0.1, 0.4, 0.1) is 0.1, 0.2, 0.3 (Hydra's own gives 0.30000000000000004 and 0.4)."""
-    start, stop, step = sweep.start, sweep.stop, sweep.step
-    if all(isinstance(v, int) for v in (start, stop, step)):
-        return list(range(start, stop, step))
-    count = math.ceil((stop - start) / step - 1e-9) if step else 0
-    return [round(start + i * step, 12) for i in range(max(0, count))]
-
-
-def _range_dimension(key: str, spec: str, values: List[Any], sweep: RangeSweep, fail) -> Dimension:
-    if not values:
-        raise fail("a range() with at least one value (the end is exclusive)")
-    if all(isinstance(v, int) for v in values):
-        step = abs(int(sweep.step)) if len(values) > 1 else 1
-        return Dimension(key, spec, IntDistribution(min(values), max(values), step=step), tuple(values))
-    return Dimension(key, spec, CategoricalDistribution(tuple(values)), tuple(values))
-
-
-def parse_search_space(params: Optional[Dict[str, Any]], arguments: Sequence[str],
-                       config_loader=None) -> Tuple[List[Dimension], List[str]]:
-    """(dimensions, fixed overrides) from `hydra.sweeper.params` and the command line; the
-    command line wins for a key set in both."""
-    parser = OverridesParser.create(config_loader=config_loader)
-    lines = [f"{k}={v}" for k, v in (params or {}).items()] + list(arguments)
-    overrides: Dict[str, Override] = {}
-    for line in lines:
-        override = parser.parse_override(line)
-        overrides.pop(override.get_key_element(), None)
-        overrides[override.get_key_element()] = override
-    dims = [to_dimension(o) for o in overrides.values() if o.is_sweep_override()]
-    fixed = [o.input_line for o in overrides.values() if not o.is_sweep_override()]
-    return dims, fixed
-
-
-def grid_points(dims: Sequence[Dimension]) -> List[Dict[str, Any]]:
-    """Every combination of the dimensions' values, in order (one point if there are none)."""
-    return [dict(zip([d.key for d in dims], combo)) for combo in itertools.product(*(d.values for d in dims))]
-
-
-def describe(dims: Sequence[Dimension]) -> Dict[str, str]:
-    return {d.key: d.spec for d in dims}
 
 
 # -- settings

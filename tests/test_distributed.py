@@ -9,8 +9,6 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO
-
 STEPS = 5
 ARGS = [f"train.max_steps={STEPS}", "train.batch_size=8", "train.grad_accum=2", "train.eval_every=0",
         "train.progress=false", "train.device=cpu", "optimizer.lr=2e-3"]

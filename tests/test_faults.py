@@ -21,7 +21,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from conftest import compose
-from dpo_sweep import sweep, tracking
+from dpo_sweep import sweep, sweep_space, tracking
 from test_sweep import env, snapshot
 
 TINY = ["train.progress=false", "dataset.builtin_size=60", "dataset.eval_size=10"]
@@ -309,7 +309,7 @@ def test_tracker_writes_through_a_store_locked_longer_than_mlflow_waits(tmp_path
 
 def a_sweep(tmp_path, space, grid):
     """The Sweep a `-m` run with the search space `space` would work with, on a fresh journal."""
-    dims, fixed = sweep.parse_search_space(None, space)
+    dims, fixed = sweep_space.parse_search_space(None, space)
     location = str(tmp_path / "optuna.journal")
     storage = sweep.open_storage(location)
     study = sweep.open_study(storage, "study", ["maximize"])
@@ -362,7 +362,7 @@ def test_a_reasked_point_starts_from_the_newest_checkpoint_that_fits(tmp_path):
     (tmp_path / "0" / ".hydra" / "overrides.yaml").write_text("- beta=0.1\n- sweep.trial_number=0\n")
     (tmp_path / "0" / "checkpoint").mkdir()
     torch.save({"step": 4}, tmp_path / "0" / "checkpoint" / "checkpoint.pt")
-    second = left_running(sw, {"beta": 0.1})
+    left_running(sw, {"beta": 0.1})
     sweep.place_file(str(tmp_path / "0" / "checkpoint" / "checkpoint.pt"),
                      str(tmp_path / "1" / "checkpoint" / "checkpoint.pt"))
     assert sorted(t.number for t in sweep.recover_interrupted(sw.study, sw.storage)) == [0, 1]
