@@ -77,6 +77,19 @@ def build_reference(cfg: DictConfig, policy, data, pad_id: int, device, autocast
     return ref
 
 
+def shard_with_reference(cfg: DictConfig, policy, data, pad_id: int, device, autocast, cwd: Optional[str]):
+    """FSDP: shard the policy over the ranks (in place) and build its reference: a sharded
+    frozen copy, or log-probs precomputed by the sharded policy."""
+    if distributed.world_size() < 2:
+        raise ConfigError("config key 'train.fsdp' = True: expected a run under torchrun with >= 2 processes")
+    ref_model = models.make_reference(policy) if cfg.train.reference == "copy" else None
+    distributed.shard_model(policy, device)
+    if ref_model is None:
+        return build_reference(cfg, policy, data, pad_id, device, autocast, cwd)
+    distributed.shard_model(ref_model, device)
+    return reference.LiveReference(ref_model, autocast, head_only=False)
+
+
 def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[EvalCallback] = ()) -> Objective:
     """Train once as `cfg` says; write metrics.json (and the model) to the run folder, log to
     MLflow; return the objective (a tuple when `objective.metric` is a list)."""
@@ -162,15 +175,7 @@ def build_trainer(cfg: DictConfig, cwd: Optional[str] = None, tracker=None, on_e
                              "data/skipped_rows": data.skipped}, step=0)
     policy = models.load_policy(cfg.model, tokenizer, cfg.seed).to(device)
     if cfg.train.fsdp:
-        if distributed.world_size() < 2:
-            raise ConfigError("config key 'train.fsdp' = True: expected a run under torchrun with >= 2 processes")
-        ref_model = models.make_reference(policy) if cfg.train.reference == "copy" else None
-        distributed.shard_model(policy, device)
-        if ref_model is not None:
-            distributed.shard_model(ref_model, device)
-            ref = reference.LiveReference(ref_model, autocast, head_only=False)
-        else:
-            ref = build_reference(cfg, policy, data, tokenizer.pad_token_id, device, autocast, cwd)
+        ref = shard_with_reference(cfg, policy, data, tokenizer.pad_token_id, device, autocast, cwd)
     else:
         ref = build_reference(cfg, policy, data, tokenizer.pad_token_id, device, autocast, cwd)
     models.configure_training(policy, cfg.train.gradient_checkpointing, cfg.train.compile)

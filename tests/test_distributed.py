@@ -59,3 +59,13 @@ def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, reference):
         assert h2[key] == pytest.approx(h1[key], abs=1e-5), key
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model")  # gathered whole
     assert model.config.hidden_size == 64
+
+
+def test_fsdp_outside_torchrun_is_a_clear_error(tmp_path):
+    from conftest import compose
+    from dpo_sweep.config import ConfigError
+    from dpo_sweep.run import run_trial
+
+    cfg = compose(["train.fsdp=true", "train.max_steps=1", "train.progress=false", "tracking.enabled=false"])
+    with pytest.raises(ConfigError, match="config key 'train.fsdp' = True: expected a run under torchrun"):
+        run_trial(cfg, out_dir=str(tmp_path))
