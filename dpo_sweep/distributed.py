@@ -31,18 +31,15 @@ def launched_by_torchrun() -> bool:
 
 
 def init(device: str) -> torch.device:
-    """Join the process group when launched by torchrun; return this rank's device."""
-    if launched_by_torchrun() and not dist.is_initialized():
-        use_cuda = device != "cpu" and torch.cuda.is_available()
+    """Join torchrun's process group (once); return this rank's device."""
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        if use_cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            return torch.device("cuda", local)
-        return torch.device("cpu")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
 
 
 def barrier() -> None:

@@ -164,8 +164,10 @@ def sweep_callbacks(cfg: DictConfig, total_steps: int) -> List[EvalCallback]:
 
 def build_trainer(cfg: DictConfig, cwd: Optional[str] = None, tracker=None, on_eval=()) -> Tuple[Trainer, Any]:
     """Tokenizer, data (checked before any model loads), policy, reference, and the Trainer."""
-    device = distributed.init(cfg.train.device) if distributed.launched_by_torchrun() else \
-        models.resolve_device(cfg.train.device)
+    if distributed.launched_by_torchrun():
+        device = distributed.init(cfg.train.device)
+    else:
+        device = models.resolve_device(cfg.train.device)
     autocast = reference.autocast_for(device, precision_for(device, cfg.train.precision))
     tokenizer = models.load_tokenizer(cfg.model)
     data = load_preference_data(cfg.dataset, tokenizer, cfg.train.max_length, cfg.train.max_prompt_length)
