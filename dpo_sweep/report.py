@@ -61,15 +61,10 @@ def read_multirun(folder: str) -> Dict[str, Any]:
 
 
 def store_of(multirun: Dict[str, Any]) -> str:
-    """The MLflow store the sweep logged to, as the sweeper resolved it: `tracking.uri`, else
-    $MLFLOW_TRACKING_URI, else outputs/mlflow.db under the folder the sweep ran from."""
+    """The MLflow store the sweep logged to, resolved as the sweeper resolved it, from the folder
+    the sweep ran in."""
     cwd = ((multirun.get("hydra") or {}).get("runtime") or {}).get("cwd") or os.getcwd()
-    uri = (multirun.get("tracking") or {}).get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return tracking.default_uri(cwd)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative to where it ran
-        return "sqlite:///" + os.path.abspath(os.path.join(cwd, uri[len("sqlite:///"):]))
-    return uri
+    return tracking.resolve_uri((multirun.get("tracking") or {}).get("uri"), cwd, create=False)
 
 
 def check_store(uri: str, looked_for: str) -> None:

@@ -32,12 +32,15 @@ def default_uri(cwd: Optional[str] = None) -> str:
     return "sqlite:///" + os.path.abspath(os.path.join(cwd or os.getcwd(), DEFAULT_STORE))
 
 
-def resolve_uri(uri: Optional[str], cwd: Optional[str] = None) -> str:
+def resolve_uri(uri: Optional[str], cwd: Optional[str] = None, create: bool = True) -> str:
+    """The absolute store URI: `uri`, else $MLFLOW_TRACKING_URI, else outputs/mlflow.db; a
+    relative SQLite path is taken from `cwd` (the folder the run started in). `create` makes the
+    SQLite store's folder."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(cwd)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         path = uri[len("sqlite:///") :]
-        uri = "sqlite:///" + os.path.abspath(path)  # a relative path would depend on the cwd
-    if uri.startswith("sqlite:///"):
+        uri = "sqlite:///" + os.path.abspath(os.path.join(cwd or os.getcwd(), path))
+    if create and uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri[len("sqlite:///") :]), exist_ok=True)
     return uri
 
