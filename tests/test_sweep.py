@@ -139,8 +139,8 @@ def test_tpe_over_intervals_runs_in_parallel_through_joblib(tmp_path, store):
     parent, children = runs_of(store, "tpe")
     runs = by_trial(children)
     assert sorted(runs) == [0, 1, 2, 3]
-    first, second = runs[0].info, runs[1].info  # one batch of two, run at the same time
-    assert first.start_time < second.end_time and second.start_time < first.end_time
+    first, second = trials[0], trials[1]  # one batch of two: both asked before either was told
+    assert first.datetime_start < second.datetime_complete and second.datetime_start < first.datetime_complete
     plots = {a.path for a in MlflowClient(tracking_uri=store).list_artifacts(parent.info.run_id, "plots")}
     assert "plots/contour_beta_lr.png" in plots
 
