@@ -11,6 +11,7 @@ import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from conftest import REPO
@@ -107,6 +108,23 @@ def launched_together(trials, a, b):
     wall-clock overlap is not a reliable check: tiny trials can finish before a worker starts.)"""
     first, second = trials[a], trials[b]
     return first.datetime_start < second.datetime_complete and second.datetime_start < first.datetime_complete
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_each_trial_as_a_job_under_the_sweeps_parent(tmp_path):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    run_sweep(tmp_path, store, "beta=0.1,0.5", "hydra/launcher=submitit_local", *PARALLEL)
+    location = str(tmp_path / "sweep" / "optuna.journal")
+    study = optuna.load_study(study_name="sweep", storage=JournalStorage(JournalFileBackend(location)))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert sorted(t.params["beta"] for t in study.trials) == [0.1, 0.5]
+    check_trials_reached(tmp_path, store, study, location)
+    jobs = [d for d in (tmp_path / "sweep" / ".submitit").iterdir() if list(d.glob("*_result.pkl"))]
+    assert len(jobs) == 2  # one submitit job (its own process) per trial
+    for number in (0, 1):
+        hydra_cfg = yaml.safe_load((tmp_path / "sweep" / str(number) / ".hydra" / "hydra.yaml").read_text())
+        assert hydra_cfg["hydra"]["launcher"]["_target_"] == SUBMITIT_LOCAL
+        assert hydra_cfg["hydra"]["job"]["id"] in {d.name for d in jobs}  # the submitit job id
 
 
 @pytest.mark.slow
