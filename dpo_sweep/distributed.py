@@ -86,6 +86,16 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> None:
     fully_shard(model, mesh=mesh)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """FSDP: drop the gathered weights that a forward without backward leaves behind (the root
+    unit keeps them after forward for the backward to come). Called after no-grad forwards (the
+    reference pass, eval): without it, a policy that computed its own reference log-probs before
+    training trained on wrong weights from step 2 on (tests/test_distributed.py). No-op for a
+    model that is not sharded."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A sharded (DTensor) value gathered whole on every rank; a plain tensor as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t

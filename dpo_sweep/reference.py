@@ -16,6 +16,7 @@ from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tup
 import torch
 from transformers import PreTrainedModel
 
+from dpo_sweep import distributed
 from dpo_sweep.data import Pair, batch_indices, collate
 from dpo_sweep.logprobs import sequence_logps
 
@@ -140,6 +141,7 @@ def precomputed(
     was_training = model.training
     model.eval()
     tables = compute_tables(model, splits, pad_id, batch_size, device, autocast)
+    distributed.reshard(model)
     model.train(was_training)
     if path and write:
         os.makedirs(cache_dir, exist_ok=True)

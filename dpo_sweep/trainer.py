@@ -243,6 +243,7 @@ class Trainer:
             with self.autocast():
                 losses, metrics = self.objective(self.logps, self.reference, batch, "eval", idx)
             per_pair.append(dict(metrics, loss=losses))
+        distributed.reshard(self.policy)
         self.policy.train()
         return {f"eval/{k}": v for k, v in _mean(per_pair, self.device, across_ranks=not self.t.fsdp).items()}
 

@@ -51,8 +51,11 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
 def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, reference):
     from transformers import AutoModelForCausalLM
 
-    ref = [f"train.reference={reference}"]
+    # No-grad forwards before and between training steps: an eval every 2 steps and (precomputed)
+    # the sharded policy's own reference pass (the single run's cache is removed first).
+    ref = [f"train.reference={reference}", "train.eval_every=2"]
     single, h1 = run(tmp_path, "single", [sys.executable], ref)
+    shutil.rmtree(tmp_path / "outputs" / "cache", ignore_errors=True)
     fsdp, h2 = run(tmp_path, "fsdp", TORCHRUN + ["--nproc_per_node=2", "--master_port=29534"],
                    ref + ["train.fsdp=true", "train.save_model=true"])
     for key in h1:
