@@ -105,6 +105,9 @@ class TrainConfig:
     log_every: int = 1  # optimizer steps between logged train metrics
     shuffle: bool = True
     group_by_length: bool = True  # batch similar lengths together: less padding
+    # One row per pair (prompt + chosen + rejected): the prompt is computed once, not twice.
+    # Used where the model can take it (logprobs.prompt_sharing_blocker); else two rows a pair.
+    share_prompt: bool = True
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     reference: str = "precomputed"  # precomputed (cached on disk) | copy (a frozen live copy) | none

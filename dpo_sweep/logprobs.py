@@ -4,16 +4,23 @@ N sequences of T tokens (N = 2B: chosen rows then rejected rows), vocabulary V. 
 sequence the log-prob of its response is the sum over response tokens t of
 log p(token_t | tokens_<t): the logits at position t - 1 scored against the label at t.
 Prompt and padding positions never count.
+
+A batch comes in one of two layouts (`data.collate`, `data.collate_shared`); `batch_logps`
+takes either. In the shared-prompt layout each pair is one row, prompt + chosen + rejected, so
+every layer's projections and MLP run on the prompt once instead of twice; only attention sees
+the two sequences apart (`SharedPrompt`).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedModel
+from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 Tensor = torch.Tensor
 
@@ -107,3 +114,113 @@ def sequence_logps(
     rows = mask.nonzero()[:, 0]  # (K,) sequence of each scored token
     logps = torch.zeros(N, dtype=torch.float32, device=input_ids.device).index_add(0, rows, picked)  # (N,)
     return logps, mask.sum(-1)
+
+
+def batch_logps(model: PreTrainedModel, batch: Dict[str, Tensor], head_only: bool = True) -> Tuple[Tensor, Tensor]:
+    """Summed response log-probs and scored token counts of a batch in either layout, each (2B,),
+    chosen first."""
+    if "merge_index" in batch:
+        return shared_prompt_logps(model, batch)
+    logps, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], head_only)
+    return logps, batch["counts"]
+
+
+# ---------------------------------------------------------------------------- shared prompt
+
+SHARED_PROMPT_ATTENTION = "dpo_sweep_shared_prompt"
+# Decoders that take position ids for their rotary embeddings and pass extra forward keywords
+# down to the attention function (tests/test_logprobs.py checks each against the 2B layout).
+SHARED_PROMPT_MODELS = HEAD_ONLY_MODELS
+
+
+class SharedPrompt:
+    """Attention over the shared-prompt layout (`data.collate_shared`).
+
+    The decoder computes queries, keys and values of the B rows (prompt + chosen + rejected); this
+    gathers them into the 2B right-padded sequences prompt + chosen and prompt + rejected (in
+    groups of similar length), runs plain causal SDPA on each group (no mask, so the fast causal
+    kernel), and gathers the outputs back to the rows. The rejected tokens never see the chosen
+    ones; the prompt's keys and values serve both, and its gradient is the sum over both, as with
+    two separate rows.
+    """
+
+    def __init__(self, batch: Dict[str, Tensor]):
+        self.groups = []  # (n_g, T_g) each, in order: merge_index counts their outputs end to end
+        while f"attention_index_{len(self.groups)}" in batch:
+            self.groups.append(batch[f"attention_index_{len(self.groups)}"])
+        self.merge_index = batch["merge_index"]  # (B, L)
+
+    def attend(self, module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, **kwargs) -> Tuple[Tensor, None]:
+        """query (B, heads, L, d), key and value (B, kv_heads, L, d) -> (B, L, heads, d)."""
+        kwargs.pop("is_causal", None)
+        outs = []
+        for index in self.groups:
+            def spread(x: Tensor) -> Tensor:  # (B, h, L, d) -> (n_g, h, T_g, d)
+                B, h, L, d = x.shape
+                rows = x.transpose(1, 2).reshape(B * L, h * d).index_select(0, index.reshape(-1))
+                return rows.reshape(*index.shape, h, d).transpose(1, 2)
+
+            out, _ = sdpa_attention_forward(module, spread(query), spread(key), spread(value), None,
+                                            is_causal=True, **kwargs)  # (n_g, T_g, heads, d)
+            outs.append(out.reshape(-1, out.shape[-2] * out.shape[-1]))
+        B, L = self.merge_index.shape
+        heads, d = out.shape[-2:]
+        merged = torch.cat(outs).index_select(0, self.merge_index.reshape(-1))  # (B * L, heads * d)
+        return merged.reshape(B, L, heads, d), None
+
+
+def _shared_prompt_attention(module, query, key, value, attention_mask, shared_prompt: Optional[SharedPrompt] = None,
+                             **kwargs):
+    """The model's attention: SDPA, or SharedPrompt's when the forward was given one."""
+    if shared_prompt is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return shared_prompt.attend(module, query, key, value, **kwargs)
+
+
+AttentionInterface.register(SHARED_PROMPT_ATTENTION, _shared_prompt_attention)
+AttentionMaskInterface.register(SHARED_PROMPT_ATTENTION, sdpa_mask)  # plain forwards: SDPA's masks
+
+
+def prompt_sharing_blocker(model: PreTrainedModel) -> Optional[str]:
+    """Why this model cannot take the shared-prompt layout, or None when it can."""
+    config = model.config
+    if getattr(config, "model_type", None) not in SHARED_PROMPT_MODELS or not _uses_head_only(model):
+        return f"model type {getattr(config, 'model_type', None)!r} is not one of {sorted(SHARED_PROMPT_MODELS)}"
+    if config._attn_implementation not in ("sdpa", SHARED_PROMPT_ATTENTION):
+        return f"attention is {config._attn_implementation!r}, not 'sdpa'"
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return "the model uses sliding-window attention"
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return "the model is sharded (FSDP)"
+    return None
+
+
+def enable_prompt_sharing(model: PreTrainedModel) -> Optional[str]:
+    """Switch the model's attention to one that also takes the shared-prompt layout (plain
+    forwards still get SDPA). Returns why it could not, or None when it did."""
+    blocker = prompt_sharing_blocker(model)
+    if blocker is None:
+        model.set_attn_implementation(SHARED_PROMPT_ATTENTION)
+    return blocker
+
+
+def shares_prompt(model: PreTrainedModel) -> bool:
+    """Whether the model was switched by `enable_prompt_sharing` (its batches use that layout)."""
+    return model.config._attn_implementation == SHARED_PROMPT_ATTENTION
+
+
+def shared_prompt_logps(model: PreTrainedModel, batch: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+    """`batch_logps` for the shared-prompt layout: (2B,) summed log-probs, (2B,) counts."""
+    if not shares_prompt(model):
+        raise RuntimeError("a shared-prompt batch needs the model prepared by enable_prompt_sharing()")
+    input_ids = batch["input_ids"]  # (B, L)
+    B = input_ids.shape[0]
+    # A 4D mask is passed through untouched; SharedPrompt ignores it. Without one, the decoder
+    # would read the position ids (which restart at the rejected response) as packed sequences.
+    unused_mask = torch.ones(B, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
+    hidden = model.get_decoder()(input_ids=input_ids, position_ids=batch["position_ids"], attention_mask=unused_mask,
+                                 use_cache=False, shared_prompt=SharedPrompt(batch)).last_hidden_state  # (B, L, H)
+    picked = head_logps(model.get_output_embeddings(), hidden.reshape(-1, hidden.shape[-1]).index_select(
+        0, batch["score_index"]), batch["score_labels"])  # (K,)
+    logps = torch.zeros(2 * B, dtype=torch.float32, device=input_ids.device).index_add(0, batch["score_seq"], picked)
+    return logps, batch["counts"]

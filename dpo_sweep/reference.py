@@ -17,8 +17,8 @@ import torch
 from transformers import PreTrainedModel
 
 from dpo_sweep import distributed
-from dpo_sweep.data import Pair, batch_indices, collate
-from dpo_sweep.logprobs import sequence_logps
+from dpo_sweep.data import Pair, batch_indices, collate, collate_shared
+from dpo_sweep.logprobs import batch_logps, shares_prompt
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -42,9 +42,7 @@ class LiveReference:
     @torch.no_grad()
     def logps(self, batch: Dict[str, Tensor], split: str, idx: Sequence[int]) -> RefOutput:
         with self.autocast():
-            logps, counts = sequence_logps(
-                self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], self.head_only
-            )
+            logps, counts = batch_logps(self.model, batch, self.head_only)
         return _split(logps, counts)
 
 
@@ -61,9 +59,9 @@ class NoReference:
     """Reference-free DPO: the reference log-probs are 0."""
 
     def logps(self, batch: Dict[str, Tensor], split: str, idx: Sequence[int]) -> RefOutput:
-        B = batch["input_ids"].shape[0] // 2
-        counts = batch["loss_mask"][:, 1:].sum(-1)
-        zeros = torch.zeros(B, device=batch["input_ids"].device)
+        counts = batch["counts"]  # (2B,)
+        B = counts.shape[0] // 2
+        zeros = torch.zeros(B, device=counts.device)
         return zeros, zeros, counts[:B], counts[B:]
 
 
@@ -108,11 +106,13 @@ def compute_tables(
         live = AdapterOffReference(model, autocast)
     else:
         live = LiveReference(model, autocast, head_only=not sharded)
+    shared = shares_prompt(model)  # the model takes one row per pair (run.build_trainer)
     tables = {}
     for split, pairs in splits.items():
         table = torch.zeros(len(pairs), 4)
-        for idx in batch_indices(pairs, batch_size, shuffle=False, group_by_length=True):
-            batch = {k: v.to(device) for k, v in collate([pairs[i] for i in idx], pad_id).items()}
+        for idx in batch_indices(pairs, batch_size, shuffle=False, group_by_length=True, shared_prompt=shared):
+            rows = [pairs[i] for i in idx]
+            batch = {k: v.to(device) for k, v in (collate_shared if shared else collate)(rows, pad_id).items()}
             out = live.logps(batch, split, idx)
             table[torch.as_tensor(idx)] = torch.stack([t.float().cpu() for t in out], dim=-1)
         tables[split] = table
@@ -133,6 +133,7 @@ def precomputed(
     """The reference's log-probs of all pairs, from the cache when present. Returns
     (reference, whether the cache was hit)."""
     path = None
+    settings += f";shared_prompt={shares_prompt(model)}"  # the layouts agree to ~1e-6, not bit for bit
     if cache_dir:
         path = os.path.join(cache_dir, f"reflogps-{fingerprint(model, splits, settings)}.pt")
         if os.path.exists(path):

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from dpo_sweep import distributed, models, reference, tracking
 from dpo_sweep.config import ConfigError, objective_spec, validate
 from dpo_sweep.data import load_preference_data
+from dpo_sweep.logprobs import enable_prompt_sharing
 from dpo_sweep.trainer import CHECKPOINT_FILE, EvalCallback, Trainer
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,11 @@ def build_trainer(cfg: DictConfig, cwd: Optional[str] = None, tracker=None, on_e
         tracker.log_metrics({"data/train_pairs": len(data.train), "data/eval_pairs": len(data.eval),
                              "data/skipped_rows": data.skipped}, step=0)
     policy = models.load_policy(cfg.model, tokenizer, cfg.seed).to(device)
+    if cfg.train.share_prompt and not cfg.train.fsdp:  # before the reference: its copy or pass shares it too
+        blocker = enable_prompt_sharing(policy)
+        if blocker:
+            log.info("train.share_prompt: two rows a pair instead, because %s (batches are still grouped by the "
+                     "one-row length; train.share_prompt=false groups them by the two-row length)", blocker)
     if cfg.train.fsdp:
         ref = shard_with_reference(cfg, policy, data, tokenizer.pad_token_id, device, autocast, cwd)
     else:

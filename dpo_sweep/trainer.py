@@ -19,10 +19,9 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from dpo_sweep import distributed
+from dpo_sweep import distributed, logprobs
 from dpo_sweep.config import ConfigError
-from dpo_sweep.data import Pair, batch_indices, collate
-from dpo_sweep.logprobs import sequence_logps
+from dpo_sweep.data import Pair, batch_indices, collate, collate_shared
 from dpo_sweep.losses import LOSSES, METRIC_NAMES, reward_metrics
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ class DPOObjective:
     def __call__(self, policy: torch.nn.Module, reference, batch: Dict[str, Tensor], split: str,
                  idx: Sequence[int]) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Per-pair losses (B,) and per-pair metrics, each (B,). `policy` is a PolicyLogps."""
-        logps, counts = policy(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        logps, counts = policy(batch)  # (2B,), (2B,): chosen first
         B = logps.shape[0] // 2
         ref_chosen, ref_rejected, ref_chosen_n, ref_rejected_n = reference.logps(batch, split, idx)
         chosen, rejected = logps[:B], logps[B:]
@@ -71,11 +70,18 @@ def steps_per_epoch(n_pairs: int, batch_size: int, grad_accum: int, world: int =
 
 
 def epoch_order(pairs: Sequence[Pair], t: DictConfig, seed: int, epoch: int, n_steps: int) -> List[List[int]]:
-    """The micro-batches of one epoch, in order: a pure function of (seed, epoch), so a resumed
-    run (or another backend) sees the same batches. `t` is the train config."""
+    """The micro-batches of one epoch, in order: a pure function of the config, (seed, epoch) and
+    the data (not of the model or the number of processes), so a resumed run, another backend or
+    another number of GPUs sees the same batches. `t` is the train config. Lengths are grouped
+    by the layout `t.share_prompt` asks for."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = batch_indices(pairs, t.batch_size, t.shuffle, t.group_by_length, generator)
+    order = batch_indices(pairs, t.batch_size, t.shuffle, t.group_by_length, generator, t.share_prompt)
     return order[: n_steps * t.grad_accum]
+
+
+def eval_batches(pairs: Sequence[Pair], t: DictConfig) -> List[List[int]]:
+    """The eval batches, in order (length-grouped, never shuffled)."""
+    return batch_indices(pairs, t.eval_batch_size, shuffle=False, group_by_length=True, shared_prompt=t.share_prompt)
 
 
 class PolicyLogps(torch.nn.Module):
@@ -85,8 +91,8 @@ class PolicyLogps(torch.nn.Module):
         super().__init__()
         self.model, self.head_only = model, head_only
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tuple[Tensor, Tensor]:
-        return sequence_logps(self.model, input_ids, attention_mask, loss_mask, self.head_only)  # (N,), (N,)
+    def forward(self, batch: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+        return logprobs.batch_logps(self.model, batch, self.head_only)  # (2B,), (2B,)
 
 
 def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
@@ -156,6 +162,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.t.lr_schedule, warmup, self.total_steps)
         )
+        # Batches in the layout the policy takes (build_trainer switched it when it can).
+        self.collate = collate_shared if logprobs.shares_prompt(policy) else collate
         self.logps = PolicyLogps(policy, head_only=not self.t.fsdp)  # eval, and training in one process
         self.train_logps = self.logps
         if self.world > 1 and not self.t.fsdp:  # FSDP (sharded by build_trainer) reduces on its own
@@ -183,7 +191,7 @@ class Trainer:
         while True:
             for idx in self.epoch_batches(epoch)[skip:]:
                 mine = distributed.shard(idx, self.world, self.rank)
-                batch = self._to_device(collate([self.train_pairs[i] for i in mine], self.pad_id))
+                batch = self._to_device(self.collate([self.train_pairs[i] for i in mine], self.pad_id))
                 yield epoch, mine, batch, len(idx)
             epoch, skip = epoch + 1, 0
 
@@ -235,11 +243,11 @@ class Trainer:
     def evaluate(self) -> Dict[str, float]:
         self.policy.eval()
         per_pair = []
-        batches = batch_indices(self.eval_pairs, self.t.eval_batch_size, shuffle=False, group_by_length=True)
+        batches = eval_batches(self.eval_pairs, self.t)
         # Whole batches per rank; under FSDP every rank must join every forward, so each runs all.
         mine = batches if self.t.fsdp else distributed.shard(batches, self.world, self.rank)
         for idx in mine:
-            batch = self._to_device(collate([self.eval_pairs[i] for i in idx], self.pad_id))
+            batch = self._to_device(self.collate([self.eval_pairs[i] for i in idx], self.pad_id))
             with self.autocast():
                 losses, metrics = self.objective(self.logps, self.reference, batch, "eval", idx)
             per_pair.append(dict(metrics, loss=losses))

@@ -29,8 +29,8 @@ from transformers import TrainerCallback
 
 from dpo_sweep import distributed, models
 from dpo_sweep.config import ConfigError
-from dpo_sweep.data import Pair, batch_indices, load_preference_data
-from dpo_sweep.trainer import EvalCallback, build_optimizer, epoch_order, steps_per_epoch
+from dpo_sweep.data import Pair, load_preference_data
+from dpo_sweep.trainer import EvalCallback, build_optimizer, epoch_order, eval_batches, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,9 @@ def consecutive(batches: Sequence[Sequence[int]]) -> List[List[int]]:
     return out
 
 
-def eval_order(pairs: Sequence[Pair], batch_size: int) -> List[int]:
-    """Pair indices in our eval batch order (length-grouped, not shuffled; Trainer.evaluate)."""
-    return [i for idx in batch_indices(pairs, batch_size, shuffle=False, group_by_length=True) for i in idx]
+def eval_order(pairs: Sequence[Pair], t: DictConfig) -> List[int]:
+    """Pair indices in our eval batch order (Trainer.evaluate); `t` is the train config."""
+    return [i for idx in eval_batches(pairs, t) for i in idx]
 
 
 def to_dataset(pairs: Sequence[Pair], order: Sequence[int]):
@@ -322,7 +322,7 @@ def build_trainer(cfg: DictConfig, out_dir: str, cwd: Optional[str] = None, trac
     warmup = cfg.train.warmup_steps or int(cfg.train.warmup_ratio * steps)
     batches = train_batches(data.train, cfg, steps)
     train_set = to_dataset(data.train, [i for idx in batches for i in idx])
-    eval_set = to_dataset(data.eval, eval_order(data.eval, cfg.train.eval_batch_size))
+    eval_set = to_dataset(data.eval, eval_order(data.eval, cfg.train))
 
     policy = models.load_policy(cfg.model, tokenizer, cfg.seed).to(device)
     # TRL would reload the reference from the policy's hub name, which a model built from

@@ -161,3 +161,22 @@ def test_length_grouping_reduces_padding(tokenizer):
     plain = batch_indices(pairs, 8, shuffle=True, group_by_length=False, generator=g)
     assert sorted(i for b in grouped for i in b) == list(range(256))
     assert padding(grouped) < padding(plain) / 4
+
+
+def test_length_grouping_follows_the_layout():
+    """One row a pair pads to prompt + chosen + rejected; two rows a pair to prompt + the longer
+    response. Each grouping keeps its own layout's padding lowest."""
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(1, 40, (256, 3), generator=g).tolist()
+    pairs = [Pair((1,) * p, (2,) * c, (3,) * r, i) for i, (p, c, r) in enumerate(sizes)]
+
+    def positions(batches, shared):
+        rows, length = (1, lambda p: p.shared_length) if shared else (2, lambda p: p.length)
+        return sum(rows * len(b) * max(length(pairs[i]) for i in b) for b in batches)
+
+    for shared in (True, False):
+        mine = batch_indices(pairs, 8, shuffle=False, group_by_length=True, shared_prompt=shared)
+        other = batch_indices(pairs, 8, shuffle=False, group_by_length=True, shared_prompt=not shared)
+        assert positions(mine, shared) < positions(other, shared)
+    one_row = positions(batch_indices(pairs, 8, False, True, shared_prompt=True), True)
+    assert one_row < 0.85 * positions(batch_indices(pairs, 8, False, True), False)  # the prompt once, less padding

@@ -6,7 +6,7 @@ from torch.testing import assert_close
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo_sweep import logprobs
-from dpo_sweep.data import Pair, collate
+from dpo_sweep.data import Pair, collate, collate_shared
 from dpo_sweep.logprobs import sequence_logps, token_logps
 
 
@@ -115,3 +115,80 @@ def test_head_only_path_matches_full_logits_in_value_and_gradient(tokenizer, mon
     assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     for n, p in model.named_parameters():
         assert_close(fast_grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def tiny_any(model_type, tokenizer):
+    """A tiny model of any decoder type, from its config class's defaults shrunk."""
+    torch.manual_seed(0)
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **dims)
+    if hasattr(cfg, "use_sliding_window"):
+        cfg.use_sliding_window = False
+    if getattr(cfg, "sliding_window", None) is not None:
+        cfg.sliding_window = None
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("model_type", sorted(logprobs.SHARED_PROMPT_MODELS))
+def test_shared_prompt_layout_matches_two_sequences_in_value_and_gradient(tokenizer, model_type):
+    """prompt + chosen + rejected in one row (prompt computed once) == the two sequences apart,
+    for every model type that takes the shared layout, with a grouped-query attention model."""
+    pairs = make_pairs(tokenizer)
+    model = tiny_any(model_type, tokenizer).train()
+    two = collate(pairs, tokenizer.pad_token_id)
+    slow, slow_n = logprobs.batch_logps(model, two)
+    slow.sum().backward()
+    slow_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert logprobs.enable_prompt_sharing(model) is None
+    shared = collate_shared(pairs, tokenizer.pad_token_id)
+    assert shared["input_ids"].shape[0] == len(pairs) and shared["input_ids"].numel() < two["input_ids"].numel()
+    fast, fast_n = logprobs.batch_logps(model, shared)
+    fast.sum().backward()
+    assert fast_n.tolist() == slow_n.tolist() == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
+    assert_close(fast, slow, atol=1e-4, rtol=1e-5)
+    for n, p in model.named_parameters():
+        assert_close(p.grad, slow_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+    # A plain forward of the same model (eval, generation) still gets ordinary masked SDPA.
+    with torch.no_grad():
+        again, _ = logprobs.batch_logps(model, collate(pairs, tokenizer.pad_token_id, "left"))
+    assert_close(again, slow.detach(), atol=1e-4, rtol=1e-5)
+
+
+def test_shared_prompt_layout_indices(tokenizer):
+    pairs = [Pair((1, 10), (20, 2), (30, 31, 2), 0), Pair((1,), (21, 2), (2,), 1)]
+    b = collate_shared(pairs, pad_id=0, groups=2)
+    assert b["input_ids"].tolist() == [[1, 10, 20, 2, 30, 31, 2], [1, 21, 2, 2, 0, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 4], [0, 1, 2, 1, 0, 0, 0]]
+    # Sequences by length: rejected 0 (5), chosen 0 (4), chosen 1 (3), rejected 1 (2); two groups.
+    # Rejected 0 skips its chosen tokens; padding repeats the last position.
+    assert b["attention_index_0"].tolist() == [[0, 1, 4, 5, 6], [0, 1, 2, 3, 3]]
+    assert b["attention_index_1"].tolist() == [[7, 8, 9], [7, 10, 10]]
+    assert "attention_index_2" not in b
+    # Group outputs end to end: group 0 at 0..9 (rows of 5), group 1 at 10..15 (rows of 3).
+    # The prompt takes the chosen sequence's outputs; padding takes 0.
+    assert b["merge_index"].tolist() == [[5, 6, 7, 8, 2, 3, 4], [10, 11, 12, 14, 0, 0, 0]]
+    # Rejected token 30 is scored by the last prompt position, 31 by 30's position.
+    assert b["score_labels"].tolist() == [20, 2, 30, 31, 2, 21, 2, 2]
+    assert b["score_index"].tolist() == [1, 2, 1, 4, 5, 7, 8, 7]
+    assert b["score_seq"].tolist() == [0, 0, 2, 2, 2, 1, 1, 3]
+    assert b["counts"].tolist() == [2, 2, 3, 1]
+
+
+@pytest.mark.parametrize("groups", [1, 3, 8])
+def test_shared_prompt_any_grouping_gives_the_same_logps(tokenizer, groups):
+    pairs = make_pairs(tokenizer)
+    model = tiny_any("llama", tokenizer).eval()
+    with torch.no_grad():
+        two, _ = logprobs.batch_logps(model, collate(pairs, tokenizer.pad_token_id))
+        logprobs.enable_prompt_sharing(model)
+        one, _ = logprobs.batch_logps(model, collate_shared(pairs, tokenizer.pad_token_id, groups=groups))
+    assert_close(one, two, atol=1e-4, rtol=1e-5)
+
+
+def test_prompt_sharing_refuses_other_models(tokenizer):
+    assert "gpt2" in logprobs.prompt_sharing_blocker(tiny("gpt2", tokenizer))
+    eager = tiny("llama", tokenizer, attn_implementation="eager")
+    assert "eager" in logprobs.enable_prompt_sharing(eager)

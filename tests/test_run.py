@@ -174,6 +174,62 @@ def test_gradient_checkpointing_gives_the_same_steps(tmp_path, monkeypatch):
         assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_compile_gives_the_same_steps(tmp_path, monkeypatch):
+    """train.compile=true (torch.compile of the decoder, shapes dynamic) on the shared-prompt layout."""
+    from dpo_sweep.run import build_trainer
+
+    monkeypatch.chdir(tmp_path)
+    histories = []
+    for compiled in ("false", "true"):
+        cfg = compose(["train.max_steps=3", "train.progress=false", "tracking.enabled=false",
+                       f"train.compile={compiled}"])
+        trainer, _ = build_trainer(cfg)
+        trainer.fit()
+        histories.append(trainer.history)
+    for a, b in zip(*histories):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-5)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "copy", "none"])
+def test_shared_prompt_layout_gives_the_same_steps_as_two_rows_a_pair(tmp_path, monkeypatch, reference):
+    """The same batches (no length grouping) through both layouts: the same run."""
+    from dpo_sweep.data import collate_shared
+    from dpo_sweep.run import build_trainer
+
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for share in ("true", "false"):
+        cfg = compose(["train.max_steps=4", "train.eval_every=2", "train.progress=false", "tracking.enabled=false",
+                       "train.group_by_length=false", f"train.share_prompt={share}", f"train.reference={reference}"])
+        trainer, _ = build_trainer(cfg)
+        assert (trainer.collate is collate_shared) == (share == "true")
+        runs.append((trainer.fit(), trainer.history))
+    (final_a, steps_a), (final_b, steps_b) = runs
+    for a, b in zip(steps_a, steps_b):
+        for key in ("train/loss", "train/rewards/margins", "train/logps/chosen", "train/grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
+    assert final_a == pytest.approx(final_b, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("override,why", [
+    ("model.attn_implementation=eager", "attention is 'eager', not 'sdpa'"),
+    ("model.config.model_type=gpt2", "model type 'gpt2' is not one of"),
+])
+def test_a_model_that_cannot_share_the_prompt_trains_two_rows_a_pair(tmp_path, monkeypatch, caplog, override, why):
+    from dpo_sweep.data import collate
+    from dpo_sweep.run import build_trainer
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["train.max_steps=2", "train.progress=false", "tracking.enabled=false", override])
+    with caplog.at_level("INFO", logger="dpo_sweep.run"):
+        trainer, _ = build_trainer(cfg)
+    assert trainer.collate is collate
+    assert f"train.share_prompt: two rows a pair instead, because {why}" in caplog.text
+    assert math.isfinite(trainer.fit()["eval/loss"])
+
+
 class Crash(Exception):
     pass
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import compose, make_tiny_llama, write_jsonl
-from dpo_sweep.data import builtin_rows
+from dpo_sweep.data import builtin_rows, collate_shared
 from dpo_sweep.run import build_trainer
 
 trl = pytest.importorskip("trl")
@@ -35,6 +35,7 @@ def ours(model_dir, train, evals, loss="sigmoid"):
         "train.precision=fp32", "train.device=cpu", "train.progress=false", "tracking.enabled=false",
     ])
     trainer, _ = build_trainer(cfg)
+    assert trainer.collate is collate_shared  # the default, fastest layout: one row per pair
     trainer.fit()
     return [{k[len("train/"):]: v for k, v in h.items()} for h in trainer.history]
 
