@@ -6,8 +6,8 @@
 
 Each measurement runs in its own child process (so peak memory is that run's alone); ours and
 TRL's alternate. One epoch, constant lr, no warmup, no shuffle, same batch; fp32 on CPU, bf16 on
-CUDA. Prints a table of pairs/s, tokens/s, peak memory (RSS on CPU, max allocated on CUDA), final
-loss, and the ratios ours/TRL.
+CUDA. Prints a table of pairs/s, tokens/s, model FLOPs utilisation, peak memory (RSS on CPU, max
+allocated on CUDA), final loss, and the ratios ours/TRL.
 """
 
 from __future__ import annotations
@@ -86,12 +86,49 @@ def setup(workdir: str, model: str, pairs: int, max_length: int) -> dict:
     with open(data, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     n_params = sum(p.numel() for p in m.parameters())
-    return {"model_dir": model_dir, "data": data, "n_params": n_params}
+    # Parameters in matrix products: all but an input embedding that is not also the output head.
+    lookup = 0 if m.config.tie_word_embeddings else m.get_input_embeddings().weight.numel()
+    return {"model_dir": model_dir, "data": data, "n_params": n_params, "matmul_params": n_params - lookup}
 
 
 def real_tokens(rows_pairs) -> int:
     """Tokens of prompt+chosen and prompt+rejected: the work both trainers must do."""
     return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in rows_pairs)
+
+
+def unique_tokens(rows_pairs) -> int:
+    """Tokens of prompt + chosen + rejected, each prompt once: the basis of model FLOPs."""
+    return sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in rows_pairs)
+
+
+# Dense bf16 peak of known GPUs, in TFLOP/s (vendor figures, without sparsity).
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+def peak_flops() -> tuple[float, str]:
+    """(FLOP/s, where the figure comes from): a GPU's dense bf16 peak from its name, else the best
+    of 5 timed square matmuls (bf16 8192 on CUDA, fp32 2048 on CPU), the most this machine's
+    matmul library reaches."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"{name}: dense bf16 peak {tflops:g} TFLOP/s"
+    cuda = torch.cuda.is_available()
+    n, dtype, device = (8192, torch.bfloat16, "cuda") if cuda else (2048, torch.float32, "cpu")
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(6):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best, f"best of a timed {n}-cube {str(dtype)[6:]} matmul on {device}"
 
 
 # ---------------------------------------------------------------------------- workers
@@ -138,6 +175,7 @@ def worker_ours(a, betas) -> dict:
         t2 = time.perf_counter()
         results.append({"setup_s": t1 - t0, "train_s": t2 - t1, "final_loss": last["train/loss"],
                         "pairs": steps * a.batch_size, "tokens": real_tokens(trainer.train_pairs[: steps * a.batch_size]),
+                        "unique_tokens": unique_tokens(trainer.train_pairs[: steps * a.batch_size]),
                         "device": str(trainer.device)})
     import torch
 
@@ -175,10 +213,10 @@ def worker_trl(a, betas) -> dict:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         n_pairs = out.global_step * a.batch_size
         ds = trainer.train_dataset
-        tokens = sum(2 * len(ds[i]["prompt_ids"]) + len(ds[i]["chosen_ids"]) + len(ds[i]["rejected_ids"])
-                     for i in range(n_pairs))
+        sizes = [(len(ds[i]["prompt_ids"]), len(ds[i]["chosen_ids"]) + len(ds[i]["rejected_ids"])) for i in range(n_pairs)]
         results.append({"setup_s": t1 - t0, "train_s": t2 - t1, "final_loss": losses[-1], "pairs": n_pairs,
-                        "tokens": tokens, "device": "cuda" if cuda else "cpu"})
+                        "tokens": sum(2 * p + r for p, r in sizes), "unique_tokens": sum(p + r for p, r in sizes),
+                        "device": "cuda" if cuda else "cpu"})
     device = torch.device("cuda" if cuda else "cpu")
     return {"runs": results, "total_s": time.perf_counter() - start_all, "peak_mb": peak_memory_mb(device)}
 
@@ -224,6 +262,9 @@ def main() -> None:
     a.model_dir, a.data = info["model_dir"], info["data"]
     print(f"model {a.model}: {info['n_params'] / 1e6:.1f}M parameters; {a.pairs - 8} train pairs, batch {a.batch_size}, "
           f"max_length {a.max_length}; ours: reference={a.reference}, group_by_length={a.group_by_length}")
+    peak, source = peak_flops()
+    print(f"peak for MFU: {peak / 1e12:.3g} TFLOP/s ({source}); model FLOPs = 6 x {info['matmul_params'] / 1e6:.1f}M "
+          f"matmul parameters x (prompt + chosen + rejected tokens)")
     rows = {"ours": [], "trl": []}
     for r in range(a.repeats):
         for who in ("ours", "trl"):
@@ -236,7 +277,7 @@ def main() -> None:
             print(f"  repeat {r + 1} {who:4s}: {one['pairs'] / one['train_s']:.1f} pairs/s, "
                   f"{one['tokens'] / one['train_s']:.0f} tokens/s, setup {one['setup_s']:.1f}s, "
                   f"peak {rows[who][-1]['peak_mb']:.0f} MB, final loss {one['final_loss']:.4f}", flush=True)
-    table(rows, a)
+    table(rows, a, 6 * info["matmul_params"] / peak)
     if a.sweep:
         betas = [0.05, 0.1, 0.2, 0.5]
         cache = os.path.join(a.workdir, "outputs", "cache")
@@ -249,13 +290,15 @@ def main() -> None:
               f"{ours['total_s'] / theirs['total_s']:.2f}")
 
 
-def table(rows: dict, a) -> None:
+def table(rows: dict, a, peak_s_per_token: float) -> None:
+    """`peak_s_per_token`: seconds per unique token at the peak (model FLOPs per token / peak)."""
     def med(who, f):
         return statistics.median(f(r) for r in rows[who])
 
     metrics = {
         "pairs/s": lambda r: r["runs"][0]["pairs"] / r["runs"][0]["train_s"],
         "tokens/s": lambda r: r["runs"][0]["tokens"] / r["runs"][0]["train_s"],
+        "MFU": lambda r: r["runs"][0]["unique_tokens"] * peak_s_per_token / r["runs"][0]["train_s"],
         "epoch s (incl. setup)": lambda r: r["runs"][0]["train_s"] + r["runs"][0]["setup_s"],
         "peak MB": lambda r: r["peak_mb"],
         "final loss": lambda r: r["runs"][0]["final_loss"],
