@@ -158,38 +158,24 @@ def test_cli_errors_are_clear(tmp_path):
     assert proc.returncode != 0 and f"{bad}: row 4: missing field 'chosen'" in proc.stderr
 
 
-def test_gradient_checkpointing_gives_the_same_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("option,loss_tol,norm_rel", [
+    ("gradient_checkpointing", 1e-6, 1e-5),
+    # torch.compile of the decoder (dynamic shapes), on the shared-prompt layout
+    pytest.param("compile", 1e-5, 1e-4, marks=pytest.mark.slow),
+])
+def test_speed_options_give_the_same_steps(tmp_path, monkeypatch, option, loss_tol, norm_rel):
     from dpo_sweep.run import build_trainer
 
     monkeypatch.chdir(tmp_path)
     histories = []
-    for checkpointing in ("false", "true"):
-        cfg = compose(["train.max_steps=3", "train.progress=false", "tracking.enabled=false",
-                       f"train.gradient_checkpointing={checkpointing}"])
+    for on in ("false", "true"):
+        cfg = compose(["train.max_steps=3", "train.progress=false", "tracking.enabled=false", f"train.{option}={on}"])
         trainer, _ = build_trainer(cfg)
         trainer.fit()
         histories.append(trainer.history)
     for a, b in zip(*histories):
-        assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-6)
-        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-5)
-
-
-@pytest.mark.slow
-def test_compile_gives_the_same_steps(tmp_path, monkeypatch):
-    """train.compile=true (torch.compile of the decoder, shapes dynamic) on the shared-prompt layout."""
-    from dpo_sweep.run import build_trainer
-
-    monkeypatch.chdir(tmp_path)
-    histories = []
-    for compiled in ("false", "true"):
-        cfg = compose(["train.max_steps=3", "train.progress=false", "tracking.enabled=false",
-                       f"train.compile={compiled}"])
-        trainer, _ = build_trainer(cfg)
-        trainer.fit()
-        histories.append(trainer.history)
-    for a, b in zip(*histories):
-        assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-5)
-        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
+        assert a["train/loss"] == pytest.approx(b["train/loss"], abs=loss_tol)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=norm_rel)
 
 
 @pytest.mark.parametrize("reference", ["precomputed", "copy", "none"])

@@ -2,7 +2,7 @@
 
     python experiments/bench_vs_trl/bench.py                 # CPU here, CUDA where there is a GPU
     python experiments/bench_vs_trl/bench.py --repeats 3 --sweep
-    python experiments/bench_vs_trl/bench.py --model phi2-shape --pairs 256 --max-length 512   # GPU
+    python experiments/bench_vs_trl/bench.py --model phi2-shape --pairs 264 --max-length 512   # GPU
 
 Each measurement runs in its own child process (so peak memory is that run's alone); ours and
 TRL's alternate. One epoch, constant lr, no warmup, no shuffle, same batch; fp32 on CPU, bf16 on
