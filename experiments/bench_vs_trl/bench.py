@@ -107,7 +107,7 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "
 
 def peak_flops() -> tuple[float, str]:
     """(FLOP/s, where the figure comes from): a GPU's dense bf16 peak from its name, else the best
-    of 5 timed square matmuls (bf16 8192 on CUDA, fp32 2048 on CPU), the most this machine's
+    of 6 timed square matmuls (bf16 8192 on CUDA, fp32 2048 on CPU), the most this machine's
     matmul library reaches."""
     import torch
 
