@@ -181,24 +181,26 @@ AttentionInterface.register(SHARED_PROMPT_ATTENTION, _shared_prompt_attention)
 AttentionMaskInterface.register(SHARED_PROMPT_ATTENTION, sdpa_mask)  # plain forwards: SDPA's masks
 
 
-def prompt_sharing_blocker(model: PreTrainedModel) -> Optional[str]:
-    """Why this model cannot take the shared-prompt layout, or None when it can."""
+def prompt_sharing_blocker(model: PreTrainedModel, max_length: Optional[int] = None) -> Optional[str]:
+    """Why this model cannot take the shared-prompt layout for sequences of up to `max_length`
+    tokens (None: any length), or None when it can."""
     config = model.config
     if getattr(config, "model_type", None) not in SHARED_PROMPT_MODELS or not _uses_head_only(model):
         return f"model type {getattr(config, 'model_type', None)!r} is not one of {sorted(SHARED_PROMPT_MODELS)}"
     if config._attn_implementation not in ("sdpa", SHARED_PROMPT_ATTENTION):
         return f"attention is {config._attn_implementation!r}, not 'sdpa'"
-    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        return "the model uses sliding-window attention"
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window is not None and (max_length is None or window < max_length):  # a window >= every sequence never binds
+        return f"the model's sliding attention window ({window}) is shorter than train.max_length ({max_length})"
     if any(hasattr(p, "full_tensor") for p in model.parameters()):
         return "the model is sharded (FSDP)"
     return None
 
 
-def enable_prompt_sharing(model: PreTrainedModel) -> Optional[str]:
+def enable_prompt_sharing(model: PreTrainedModel, max_length: Optional[int] = None) -> Optional[str]:
     """Switch the model's attention to one that also takes the shared-prompt layout (plain
     forwards still get SDPA). Returns why it could not, or None when it did."""
-    blocker = prompt_sharing_blocker(model)
+    blocker = prompt_sharing_blocker(model, max_length)
     if blocker is None:
         model.set_attn_implementation(SHARED_PROMPT_ATTENTION)
     return blocker

@@ -178,7 +178,7 @@ def build_trainer(cfg: DictConfig, cwd: Optional[str] = None, tracker=None, on_e
                              "data/skipped_rows": data.skipped}, step=0)
     policy = models.load_policy(cfg.model, tokenizer, cfg.seed).to(device)
     if cfg.train.share_prompt and not cfg.train.fsdp:  # before the reference: its copy or pass shares it too
-        blocker = enable_prompt_sharing(policy)
+        blocker = enable_prompt_sharing(policy, cfg.train.max_length)
         if blocker:
             log.info("train.share_prompt: two rows a pair instead, because %s (batches are still grouped by the "
                      "one-row length; train.share_prompt=false groups them by the two-row length)", blocker)

@@ -192,3 +192,17 @@ def test_prompt_sharing_refuses_other_models(tokenizer):
     assert "gpt2" in logprobs.prompt_sharing_blocker(tiny("gpt2", tokenizer))
     eager = tiny("llama", tokenizer, attn_implementation="eager")
     assert "eager" in logprobs.enable_prompt_sharing(eager)
+
+
+def test_a_sliding_window_longer_than_every_sequence_does_not_stop_prompt_sharing(tokenizer):
+    model = tiny_any("mistral", tokenizer)
+    model.config.sliding_window = 96
+    assert "window (96) is shorter than train.max_length (128)" in logprobs.prompt_sharing_blocker(model, 128)
+    assert "window (96)" in logprobs.prompt_sharing_blocker(model)  # length unknown
+    pairs = make_pairs(tokenizer)
+    assert max(p.length for p in pairs) <= 96
+    with torch.no_grad():
+        two, _ = logprobs.batch_logps(model, collate(pairs, tokenizer.pad_token_id))
+        assert logprobs.enable_prompt_sharing(model, 96) is None
+        one, _ = logprobs.batch_logps(model, collate_shared(pairs, tokenizer.pad_token_id))
+    assert_close(one, two, atol=1e-4, rtol=1e-5)
