@@ -67,3 +67,20 @@ def test_reproduce_refuses_what_it_cannot_rerun(finished_trial, capsys):
     assert main(["0" * 32, "--tracking-uri", store]) == 2 and "no MLflow run" in capsys.readouterr().err
     assert main([str(folder), "--out", str(folder)]) == 2  # never into an existing run's folder
     assert "not empty" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_share_prompt_existed_reruns_as_it_ran(tmp_path):
+    """Its saved config has no train.share_prompt: it trained two rows a pair, grouped by that
+    layout's lengths, and reproduces so (today's default would regroup the batches)."""
+    run = tmp_path / "old"
+    proc = subprocess.run([sys.executable, "-m", "dpo_sweep", "train.max_steps=6", "train.progress=false",
+                           "train.share_prompt=false", f"hydra.run.dir={run}",
+                           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    del saved["train"]["share_prompt"]
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_identical(reproduce(tmp_path, str(run), "--out", str(tmp_path / "again")), run, tmp_path / "again")
+    config = yaml.safe_load((tmp_path / "again" / ".hydra" / "config.yaml").read_text())
+    assert config["train"]["share_prompt"] is False
