@@ -127,10 +127,9 @@ def batch_logps(model: PreTrainedModel, batch: Dict[str, Tensor], head_only: boo
 
 # ---------------------------------------------------------------------------- shared prompt
 
+# The HEAD_ONLY_MODELS also take position ids for their rotary embeddings and pass extra forward
+# keywords down to the attention function: tests/test_logprobs.py checks each in this layout.
 SHARED_PROMPT_ATTENTION = "dpo_sweep_shared_prompt"
-# Decoders that take position ids for their rotary embeddings and pass extra forward keywords
-# down to the attention function (tests/test_logprobs.py checks each against the 2B layout).
-SHARED_PROMPT_MODELS = HEAD_ONLY_MODELS
 
 
 class SharedPrompt:
@@ -185,15 +184,13 @@ def prompt_sharing_blocker(model: PreTrainedModel, max_length: Optional[int] = N
     """Why this model cannot take the shared-prompt layout for sequences of up to `max_length`
     tokens (None: any length), or None when it can."""
     config = model.config
-    if getattr(config, "model_type", None) not in SHARED_PROMPT_MODELS or not _uses_head_only(model):
-        return f"model type {getattr(config, 'model_type', None)!r} is not one of {sorted(SHARED_PROMPT_MODELS)}"
+    if not _uses_head_only(model):
+        return f"model type {getattr(config, 'model_type', None)!r} is not one of {sorted(HEAD_ONLY_MODELS)}"
     if config._attn_implementation not in ("sdpa", SHARED_PROMPT_ATTENTION):
         return f"attention is {config._attn_implementation!r}, not 'sdpa'"
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     if window is not None and (max_length is None or window < max_length):  # a window >= every sequence never binds
         return f"the model's sliding attention window ({window}) is shorter than train.max_length ({max_length})"
-    if any(hasattr(p, "full_tensor") for p in model.parameters()):
-        return "the model is sharded (FSDP)"
     return None
 
 

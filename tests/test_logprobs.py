@@ -131,7 +131,7 @@ def tiny_any(model_type, tokenizer):
     return AutoModelForCausalLM.from_config(cfg)
 
 
-@pytest.mark.parametrize("model_type", sorted(logprobs.SHARED_PROMPT_MODELS))
+@pytest.mark.parametrize("model_type", sorted(logprobs.HEAD_ONLY_MODELS))
 def test_shared_prompt_layout_matches_two_sequences_in_value_and_gradient(tokenizer, model_type):
     """prompt + chosen + rejected in one row (prompt computed once) == the two sequences apart,
     for every model type that takes the shared layout, with a grouped-query attention model."""
