@@ -16,20 +16,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_sweep import distributed, models, reference, tracking
+from dpo_sweep import distributed, models, paths, reference, tracking
 from dpo_sweep.config import ConfigError, objective_spec, validate
 from dpo_sweep.data import load_preference_data
 from dpo_sweep.logprobs import enable_prompt_sharing
-from dpo_sweep.trainer import CHECKPOINT_FILE, EvalCallback, Trainer
+from dpo_sweep.paths import METRICS_FILE
+from dpo_sweep.trainer import EvalCallback, Trainer, TrialStopped
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "metrics.json"
 Objective = Union[float, Tuple[float, ...]]  # one value, or one per metric of a multi-objective sweep
-
-
-class TrialStopped(Exception):
-    """Raised by an `on_eval` callback to end a run early on purpose (a sweep trial that its
-    pruner stopped): the MLflow run ends KILLED rather than FAILED."""
 
 
 def seed_everything(seed: int) -> None:
@@ -53,10 +48,6 @@ def precision_for(device: torch.device, precision: str) -> str:
     return precision
 
 
-def cache_dir(cwd: Optional[str]) -> str:
-    return os.path.join(cwd or os.getcwd(), "outputs", "cache")
-
-
 def build_reference(cfg: DictConfig, policy, data, pad_id: int, device, autocast, cwd: Optional[str]):
     mode = cfg.train.reference
     if mode == "none":
@@ -67,7 +58,7 @@ def build_reference(cfg: DictConfig, policy, data, pad_id: int, device, autocast
         return reference.LiveReference(models.make_reference(policy), autocast)
     settings = f"precision={precision_for(device, cfg.train.precision)}"
     args = (policy, {"train": data.train, "eval": data.eval}, pad_id, cfg.train.eval_batch_size,
-            device, autocast, cache_dir(cwd), settings)
+            device, autocast, paths.cache_dir(cwd), settings)
     if cfg.train.fsdp:  # the sharded model needs every rank in each forward: all compute it
         return reference.precomputed(*args, write=distributed.is_main())[0]
     if not distributed.is_main():  # rank 0 computes the cache, the other ranks then read it
@@ -196,8 +187,8 @@ def build_trainer(cfg: DictConfig, cwd: Optional[str] = None, tracker=None, on_e
 
 def _resume(cfg: DictConfig, trainer: Trainer, out_dir: str, tracker) -> None:
     """Checkpoints go to <run>/checkpoint/; with train.resume, continue from the one there."""
-    trainer.checkpoint_dir = os.path.join(out_dir, "checkpoint")
-    path = os.path.join(trainer.checkpoint_dir, CHECKPOINT_FILE)
+    trainer.checkpoint_dir = paths.checkpoint_dir(out_dir)
+    path = paths.checkpoint_file(out_dir)
     if not cfg.train.resume:
         return
     if not os.path.exists(path):
@@ -229,7 +220,7 @@ def _train(cfg: DictConfig, out_dir: str, cwd: Optional[str], tracker, on_eval) 
     if isinstance(trainer, Trainer) and os.path.isdir(trainer.checkpoint_dir):
         shutil.rmtree(trainer.checkpoint_dir)  # finished: the checkpoint is no longer needed
     if cfg.train.save_model:
-        path = os.path.join(out_dir, "model")
+        path = paths.model_dir(out_dir)
         models.save_model(trainer.policy, tokenizer, path, merge=cfg.model.lora.merge, state_dict=state_dict)
         log.info("model saved to %s", path)
     return metrics

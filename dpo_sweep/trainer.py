@@ -19,15 +19,19 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from dpo_sweep import distributed, logprobs
+from dpo_sweep import distributed, logprobs, paths
 from dpo_sweep.config import ConfigError
 from dpo_sweep.data import Pair, batch_indices, collate, collate_shared
 from dpo_sweep.losses import LOSSES, METRIC_NAMES, reward_metrics
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
-CHECKPOINT_FILE = "checkpoint.pt"
 EvalCallback = Callable[[int, Dict[str, float]], None]  # (step, eval metrics); may raise to stop
+
+
+class TrialStopped(Exception):
+    """Raised by an `on_eval` callback to end a run early on purpose (a sweep trial that its
+    pruner stopped): the run's MLflow run ends KILLED rather than FAILED."""
 
 
 class TrainingError(RuntimeError):
@@ -296,7 +300,7 @@ class Trainer:
         every = self.t.checkpoint_every
         if self.checkpoint_dir and every and self.step % every == 0 and self.step < self.total_steps:
             if distributed.is_main():
-                self.save_checkpoint(os.path.join(self.checkpoint_dir, CHECKPOINT_FILE))
+                self.save_checkpoint(os.path.join(self.checkpoint_dir, paths.CHECKPOINT_FILE))
             distributed.barrier()
 
     # -- the loop

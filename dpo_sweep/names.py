@@ -1,0 +1,37 @@
+"""Every MLflow tag name and Optuna user-attr name the package writes or reads, spelled once.
+
+Their values are part of the on-disk format: stores written by earlier versions must still read,
+so a name here never changes.
+"""
+
+# -- MLflow tags of a sweep's parent run
+ROLE = "sweep.role"  # "parent" on a sweep's parent run
+PARENT_ROLE = "parent"
+STUDY_NAME = "sweep.study_name"  # parent and trial runs
+STORAGE = "sweep.storage"  # parent: the study's storage
+FOLDER = "sweep.folder"  # parent: the sweep folder; also a trial's user attr: its run folder
+SAMPLER = "sweep.sampler"
+PRUNER = "sweep.pruner"  # parent tag; also the study's user attr {name, kwargs}
+N_TRIALS = "sweep.n_trials"
+OBJECTIVE = "sweep.objective"  # "metric (direction), ..."
+FIXED_OVERRIDES = "sweep.fixed_overrides"
+SPACE_PREFIX = "space."  # space.<key>: the search dimension of <key>, as written on the command line
+BEST_PREFIX = "best."  # best.<key>: the best trial's value of <key>
+BEST_TRIAL = "best.trial_number"
+BEST_TRIALS = "best.trial_numbers"  # the Pareto front of a multi-objective sweep, "3,5"
+
+# -- MLflow tags of a trial's run
+TRIAL_NUMBER = "sweep.trial_number"
+STATE = "sweep.state"  # the trial's Optuna state: COMPLETE | PRUNED | FAIL
+ERROR = "sweep.error"  # why the trial failed; also its user attr
+INTERRUPTED = "sweep.interrupted"  # its sweeper died (or was stopped) while it ran; also its user attr
+RESUMED_FROM = "sweep.resumed_from"  # the interrupted trial whose checkpoint it went on from; also its user attr
+RUN_DIR = "run_dir"  # any run: its run folder
+PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own nesting tag
+
+# -- Optuna study user attrs
+PARENT_ATTR = "mlflow.parent_run_id"  # the sweep's MLflow run, kept across resumes
+PARENT_URI_ATTR = "mlflow.tracking_uri"
+
+# -- Optuna trial user attrs (besides FOLDER, ERROR, INTERRUPTED and RESUMED_FROM above)
+OWNER = "sweep.owner"  # "host:pid" of the sweeper that asked the trial
