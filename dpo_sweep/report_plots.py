@@ -1,14 +1,15 @@
 """The plots of a sweep report (`python -m dpo_sweep.report`), drawn with matplotlib (Agg):
 `curves_figure` for curves.png, `objective_figure` for heatmap.png. Data come from a
-`report.SweepReport`, read from MLflow; metric histories through `tracking`."""
+`report_data.SweepReport`, read from MLflow; metric histories through `tracking`."""
 
 from __future__ import annotations
 
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from dpo_sweep import tracking
-from dpo_sweep.report import SweepReport, Trial, fmt
+from dpo_sweep import names, tracking
+from dpo_sweep.report_data import SweepReport, Trial
+from dpo_sweep.results import fmt
 
 CURVES = ("train/loss", "train/rewards/accuracies")  # against step, one line per trial
 EVAL_CURVE = "eval/rewards/accuracies"  # at each eval
@@ -21,7 +22,7 @@ def short(key: str) -> str:
 
 def trial_label(report: SweepReport, trial: Trial) -> str:
     values = ", ".join(f"{short(k)}={fmt(trial.param(k))}" for k in report.keys)
-    state = "" if trial.state == "COMPLETE" else f" ({trial.state.lower()})"
+    state = "" if trial.state == "COMPLETE" else f" ({trial.label.lower()})"
     return f"trial {trial.number}" + (f": {values}" if values else "") + state
 
 
@@ -181,7 +182,7 @@ def set_axis(ax, axis: str, report: SweepReport, key: str, coords: Sequence[floa
     each category for values that are not numbers."""
     from matplotlib.ticker import NullLocator
 
-    spec = report.parent.tags.get(f"space.{key}", "")
+    spec = report.parent.tags.get(names.SPACE_PREFIX + key, "")
     getattr(ax, f"set_{axis}label")(key)
     finite = sorted(set(c for c in coords if not math.isnan(c)))
     if numeric and finite and finite[0] > 0 and ("log" in spec or finite[-1] / finite[0] >= 10):

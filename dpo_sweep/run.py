@@ -149,7 +149,7 @@ def sweep_callbacks(cfg: DictConfig, total_steps: int) -> List[EvalCallback]:
     that reports each eval's objective to the study and stops the run if the pruner says so."""
     if OmegaConf.select(cfg, "sweep.trial_number") is None:
         return []
-    from dpo_sweep.sweep import trial_reporter  # imports optuna: only in sweep trials
+    from dpo_sweep.trial_report import trial_reporter  # imports optuna: only in sweep trials
 
     return [trial_reporter(cfg, total_steps)]
 

@@ -17,9 +17,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from dpo_sweep import names, paths
+
 log = logging.getLogger(__name__)
 
-DEFAULT_STORE = os.path.join("outputs", "mlflow.db")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 # SQLite takes one writer at a time: parallel trials sharing a store can find it locked (MLflow
 # waits 20 s on a lock, then fails). Such a call is tried again, up to RETRIES times in all.
@@ -29,7 +30,7 @@ T = TypeVar("T")
 
 
 def default_uri(cwd: Optional[str] = None) -> str:
-    return "sqlite:///" + os.path.abspath(os.path.join(cwd or os.getcwd(), DEFAULT_STORE))
+    return "sqlite:///" + paths.default_store(cwd)
 
 
 def resolve_uri(uri: Optional[str], cwd: Optional[str] = None, create: bool = True) -> str:
@@ -129,7 +130,7 @@ class Tracker:
         self.experiment_id = exp.experiment_id if exp else self._create_experiment(experiment)
         all_tags = dict(tags or {})
         if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
+            all_tags[names.PARENT_RUN_ID] = parent_run_id
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
             self.run_id: str = run_id
@@ -196,7 +197,7 @@ def start_run(cfg: DictConfig, run_name: Optional[str] = None, cwd: Optional[str
     tags = {str(k): str(v) for k, v in (t.tags or {}).items()}
     trial_number = OmegaConf.select(cfg, "sweep.trial_number")
     if trial_number is not None:  # a sweep's trial: findable by study and trial number
-        tags.update({"sweep.study_name": str(cfg.sweep.study_name), "sweep.trial_number": str(trial_number)})
+        tags.update({names.STUDY_NAME: str(cfg.sweep.study_name), names.TRIAL_NUMBER: str(trial_number)})
         run_name = f"trial-{trial_number}"
     return Tracker(resolve_uri(t.uri, cwd), t.experiment, t.run_name or run_name, t.parent_run_id, tags)
 
@@ -237,6 +238,17 @@ def find_runs(uri: str, experiment: str, filter_string: str = "") -> List[RunSum
         return []
     runs = client.search_runs([exp.experiment_id], filter_string, max_results=10000, order_by=["start_time DESC"])
     return [_summary(r) for r in runs]
+
+
+def by_trial_number(runs: List[RunSummary]) -> Dict[int, RunSummary]:
+    """A sweep's trial runs by their trial number; of several runs with one number, the first
+    (the newest, as `find_runs` orders them)."""
+    out: Dict[int, RunSummary] = {}
+    for run in runs:
+        number = run.tags.get(names.TRIAL_NUMBER, "")
+        if number.isdigit():
+            out.setdefault(int(number), run)
+    return out
 
 
 def get_run(uri: str, run_id: str) -> Optional[RunSummary]:

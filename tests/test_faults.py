@@ -21,7 +21,8 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from conftest import compose
-from dpo_sweep import sweep, sweep_space, tracking
+from dpo_sweep import sweep, tracking
+from dpo_sweep.sweep import space as sweep_space
 from test_sweep import env, snapshot
 
 TINY = ["train.progress=false", "dataset.builtin_size=60", "dataset.eval_size=10"]

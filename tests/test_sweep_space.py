@@ -11,7 +11,7 @@ from conftest import compose
 from dpo_sweep.config import ConfigError, objective_spec, validate
 from dpo_sweep.run import objective_values
 from dpo_sweep.sweep import SweepSettings, build_pruner, build_sampler, check_grid
-from dpo_sweep.sweep_space import grid_points, override_text, parse_search_space
+from dpo_sweep.sweep.space import grid_points, override_text, parse_search_space
 
 
 def space(*arguments, params=None):

@@ -29,6 +29,6 @@ class DPOOptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: List[str]) -> Any:
-        from dpo_sweep.sweep import run_sweep  # optuna and mlflow load only when a sweep runs
+        from dpo_sweep.sweep.loop import run_sweep  # optuna and mlflow load only when a sweep runs
 
         return run_sweep(self, arguments)

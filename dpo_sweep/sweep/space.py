@@ -141,3 +141,20 @@ def grid_points(dims: Sequence[Dimension]) -> List[Dict[str, Any]]:
 
 def describe(dims: Sequence[Dimension]) -> Dict[str, str]:
     return {d.key: d.spec for d in dims}
+
+
+def format_params(params: Dict[str, Any]) -> str:
+    """A point of the space for a log line: `beta=0.1, optimizer.lr=0.001`."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def in_space(dims: Sequence[Dimension], params: Dict[str, Any]) -> bool:
+    """Whether `params` is a point of the search space `dims` (it may have changed since)."""
+    if set(params) != {d.key for d in dims}:
+        return False
+    for d in dims:
+        value, dist = params[d.key], d.distribution
+        inside = value in dist.choices if isinstance(dist, CategoricalDistribution) else dist.low <= value <= dist.high
+        if not inside:
+            return False
+    return True

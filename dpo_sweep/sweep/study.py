@@ -1,0 +1,121 @@
+"""The Optuna study: its storage, creation or resumption, sampler and pruner, and the trials a
+dead sweeper left running.
+
+Storage: a journal file in the sweep folder by default (resumable); a file path elsewhere (a
+journal on shared disk); `redis://` (a Redis journal); any other URL an RDB storage.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+from typing import Any, Dict, List, Optional
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from dpo_sweep import names, paths
+from dpo_sweep.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def build_sampler(name: str, seed: Optional[int], kwargs: Dict[str, Any]) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler `hydra.sweeper.sampler` names. The grid's points are fixed by the
+    sweeper itself (each once, in order), so "grid" needs only a plain sampler underneath."""
+    samplers = optuna.samplers
+    classes = {
+        "tpe": samplers.TPESampler, "random": samplers.RandomSampler, "grid": samplers.RandomSampler,
+        "cmaes": samplers.CmaEsSampler, "gp": samplers.GPSampler, "nsgaii": samplers.NSGAIISampler,
+    }
+    if name == "cmaes" and importlib.util.find_spec("cmaes") is None:
+        raise ConfigError("config key 'hydra.sweeper.sampler.name' = 'cmaes': needs the cmaes package "
+                          "(pip install cmaes)")
+    try:
+        return classes[name](seed=seed, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"config key 'hydra.sweeper.sampler.kwargs' = {kwargs!r}: {e}") from e
+
+
+def build_pruner(name: str, kwargs: Dict[str, Any]) -> optuna.pruners.BasePruner:
+    """The Optuna pruner `hydra.sweeper.pruner` names."""
+    pruners = optuna.pruners
+    classes = {
+        "median": pruners.MedianPruner, "successive_halving": pruners.SuccessiveHalvingPruner,
+        "hyperband": pruners.HyperbandPruner, "none": pruners.NopPruner,
+    }
+    try:
+        return classes[name](**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"config key 'hydra.sweeper.pruner.kwargs' = {kwargs!r}: {e}") from e
+
+
+def storage_location(setting: Optional[str], sweep_dir: str) -> str:
+    """Where the study lives: a database URL as given, or an absolute journal file path."""
+    if setting and "://" in setting:
+        return setting
+    return os.path.abspath(setting or paths.journal_file(sweep_dir))
+
+
+def open_storage(location: str) -> optuna.storages.BaseStorage:
+    """A journal file (a path), a Redis journal (redis://) or an RDB storage (any other URL)."""
+    journal = optuna.storages.journal
+    if location.startswith("redis://"):
+        return journal.JournalStorage(journal.JournalRedisBackend(location))
+    if "://" in location:
+        return optuna.storages.RDBStorage(location)
+    os.makedirs(os.path.dirname(location), exist_ok=True)
+    return journal.JournalStorage(journal.JournalFileBackend(location))
+
+
+def open_study(storage, name: str, directions: List[str]) -> optuna.Study:
+    """Create the study, or load it to resume; its directions must not have changed."""
+    study = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
+    found = [d.name.lower() for d in study.directions]
+    if found != directions:
+        raise ConfigError(f"config key 'objective.direction' = {directions}: study '{name}' was created with "
+                          f"{found}; use the same directions or another hydra.sweeper.study_name")
+    return study
+
+
+def trial_id(storage, study: optuna.Study, number: int) -> int:
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+
+
+def is_finished(trial: FrozenTrial) -> bool:
+    """Finished and counted: complete, pruned or failed, but not cut short by a dead sweeper."""
+    return trial.state.is_finished() and not trial.user_attrs.get(names.INTERRUPTED)
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """True when `owner` ("host:pid") is a process of this machine that no longer runs."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's sweeper: it may still run
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def recover_interrupted(study: optuna.Study, storage) -> List[FrozenTrial]:
+    """Trials left RUNNING by a sweeper of this machine that died (killed, crashed): told FAIL
+    and marked interrupted, so that they do not count and their grid points run again."""
+    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+             if _owner_is_dead(str(t.user_attrs.get(names.OWNER, "")))]
+    for t in stale:
+        storage.set_trial_user_attr(trial_id(storage, study, t.number), names.INTERRUPTED, True)
+        storage.set_trial_user_attr(trial_id(storage, study, t.number), names.ERROR, "interrupted: its sweeper died")
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        log.warning("trial %d was interrupted (its sweeper %s died): it does not count and runs again",
+                    t.number, t.user_attrs.get(names.OWNER))
+    return stale
