@@ -21,7 +21,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from conftest import compose
-from dpo_sweep import sweep, tracking
+from dpo_sweep import names, sweep, tracking
 from dpo_sweep.sweep import space as sweep_space
 from test_sweep import env, snapshot
 
@@ -158,12 +158,12 @@ def test_sweep_killed_at_any_moment_ends_consistent(tmp_path):
 
     def parent_recorded(_):  # read straight from the journal: the moment passes in a few tenths of a second
         journal = sweep_dir / "optuna.journal"
-        return journal.exists() and sweep.PARENT_ATTR.encode() in journal.read_bytes()
+        return journal.exists() and names.PARENT_ATTR.encode() in journal.read_bytes()
 
     def asked_by(proc, state):
         """Trials of this run (their owner is `proc`) in `state`."""
         owner = f"{socket.gethostname()}:{proc.pid}"
-        return [t for t in trials_of(tmp_path) if t.state == state and t.user_attrs.get(sweep.OWNER_ATTR) == owner]
+        return [t for t in trials_of(tmp_path) if t.state == state and t.user_attrs.get(names.OWNER) == owner]
 
     def one_complete(proc):
         return bool(asked_by(proc, TrialState.COMPLETE))
@@ -327,7 +327,7 @@ def left_running(sw, params):
     """A trial at `params` whose sweeper has died (its owner a pid that has exited)."""
     trial = sweep.ask_at(sw, params, {d.key: d.distribution for d in sw.dims})
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    trial.set_user_attr(sweep.OWNER_ATTR, f"{socket.gethostname()}:{dead.stdout.strip()}")
+    trial.set_user_attr(names.OWNER, f"{socket.gethostname()}:{dead.stdout.strip()}")
     return trial
 
 
@@ -409,7 +409,7 @@ def test_pruning_under_torchrun_is_rank_0s_decision_on_every_rank(tmp_path):
     journal = tmp_path / "optuna.journal"
     storage = sweep.open_storage(str(journal))
     study = sweep.open_study(storage, "ddp", ["maximize"])
-    study.set_user_attr(sweep.PRUNER_ATTR, {"name": "median", "kwargs": {"n_startup_trials": 1}})
+    study.set_user_attr(names.PRUNER, {"name": "median", "kwargs": {"n_startup_trials": 1}})
     better = study.ask()  # a finished trial far better at every step: the pruner stops the next at step 1
     for step in range(1, 5):
         better.report(2.0, step)
@@ -469,4 +469,4 @@ def test_a_killed_job_fails_alone_and_its_finished_batch_mates_count(tmp_path):
     states = {t.params["train.max_steps"]: t.state for t in trials_of(tmp_path)}
     assert states == {2: TrialState.COMPLETE, 400: TrialState.FAIL}
     failed = [t for t in trials_of(tmp_path) if t.state == TrialState.FAIL][0]
-    assert "job died before it finished" in failed.user_attrs[sweep.ERROR_ATTR]
+    assert "job died before it finished" in failed.user_attrs[names.ERROR]
