@@ -14,6 +14,7 @@ the two sequences apart (`SharedPrompt`).
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -194,13 +195,49 @@ def prompt_sharing_blocker(model: PreTrainedModel, max_length: Optional[int] = N
     return None
 
 
-def enable_prompt_sharing(model: PreTrainedModel, max_length: Optional[int] = None) -> Optional[str]:
-    """Switch the model's attention to one that also takes the shared-prompt layout (plain
-    forwards still get SDPA). Returns why it could not, or None when it did."""
+@dataclass(frozen=True)
+class PromptSharing:
+    """Whether a run uses the shared-prompt layout, decided once by `decide_prompt_sharing`.
+
+    `requested` (train.share_prompt) decides how batches are grouped by length: by the one-row
+    length when asked, whether or not the model can take it, so that the batch order is a function
+    of the config and the data alone (one process, DDP, FSDP and the TRL backend see the same
+    batches). `layout` is what the model takes: one row per pair, or two rows a pair; `reason`
+    says why not when it was asked and is not.
+    """
+
+    requested: bool
+    layout: bool
+    reason: Optional[str] = None
+
+
+def decide_prompt_sharing(model: Optional[PreTrainedModel], requested: bool, max_length: Optional[int] = None,
+                          fsdp: bool = False) -> PromptSharing:
+    """The one decision on prompt sharing: asked for (`train.share_prompt`), not under FSDP (its
+    sharded forward is the model's own), and a model that can take it (`prompt_sharing_blocker`).
+    `model=None` decides for a trainer that never takes the layout (TRL's)."""
+    if not requested:
+        return PromptSharing(False, False, "train.share_prompt=false")
+    if fsdp:
+        return PromptSharing(True, False, "FSDP runs the model's own forward (train.fsdp=true)")
+    if model is None:
+        return PromptSharing(True, False, "the trainer takes two rows a pair")
     blocker = prompt_sharing_blocker(model, max_length)
-    if blocker is None:
+    return PromptSharing(True, blocker is None, blocker)
+
+
+def apply_prompt_sharing(model: PreTrainedModel, sharing: PromptSharing) -> None:
+    """Switch the model's attention to one that also takes the shared-prompt layout when the
+    decision says so (plain forwards still get SDPA)."""
+    if sharing.layout:
         model.set_attn_implementation(SHARED_PROMPT_ATTENTION)
-    return blocker
+
+
+def enable_prompt_sharing(model: PreTrainedModel, max_length: Optional[int] = None) -> Optional[str]:
+    """Decide and apply in one call; returns why the model cannot take the layout, or None."""
+    sharing = decide_prompt_sharing(model, True, max_length)
+    apply_prompt_sharing(model, sharing)
+    return sharing.reason
 
 
 def shares_prompt(model: PreTrainedModel) -> bool:

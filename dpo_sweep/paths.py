@@ -45,6 +45,11 @@ def cache_dir(cwd: Optional[str] = None) -> str:
     return os.path.join(outputs_dir(cwd), "cache")
 
 
+def reproduce_dir(stamp: str, cwd: Optional[str] = None) -> str:
+    """Where `python -m dpo_sweep.reproduce` reruns a run by default (relative to `cwd` if given)."""
+    return os.path.join(cwd, OUTPUTS, "reproduce", stamp) if cwd else os.path.join(OUTPUTS, "reproduce", stamp)
+
+
 def default_store(cwd: Optional[str] = None) -> str:
     """The MLflow SQLite file used when no tracking URI is set."""
     return os.path.abspath(os.path.join(outputs_dir(cwd), STORE_FILE))

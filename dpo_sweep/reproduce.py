@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dpo_sweep import tracking
+from dpo_sweep import paths, tracking
 from dpo_sweep.config import ConfigError, DPOSweepConfig, SweepTrialConfig
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -47,10 +47,10 @@ class Original:
 
 
 def from_folder(folder: str) -> Original:
-    hydra_dir = os.path.join(folder, ".hydra")
+    hydra_dir = paths.hydra_dir(folder)
     if not os.path.isfile(os.path.join(hydra_dir, "config.yaml")):
         raise FileNotFoundError(f"{folder} is not a run folder: it has no .hydra/config.yaml")
-    return Original(os.path.abspath(folder), hydra_dir, *_read_metrics(os.path.join(folder, "metrics.json")))
+    return Original(os.path.abspath(folder), hydra_dir, *_read_metrics(paths.metrics_file(folder)))
 
 
 def from_run_id(run_id: str, uri: str, scratch: str) -> Original:
@@ -59,7 +59,7 @@ def from_run_id(run_id: str, uri: str, scratch: str) -> Original:
     if run is None:
         raise LookupError(f"no MLflow run {run_id} in {uri}; pass the store with --tracking-uri")
     hydra_dir = tracking.download_artifacts(uri, run_id, "hydra", scratch)
-    metrics_file = tracking.download_artifacts(uri, run_id, "metrics.json", scratch)
+    metrics_file = tracking.download_artifacts(uri, run_id, paths.METRICS_FILE, scratch)
     if not os.path.isfile(os.path.join(hydra_dir, "config.yaml")):
         raise FileNotFoundError(f"MLflow run {run_id} has no hydra/config.yaml artifact: it did not finish")
     return Original(f"MLflow run {run_id} ({run.name})", hydra_dir, *_read_metrics(metrics_file))
@@ -92,7 +92,7 @@ def rerun_config(saved: DictConfig, label: str) -> DictConfig:
 
 def prepare_folder(out_dir: str, original: Original, cfg: DictConfig) -> None:
     """The new run folder with its .hydra/: the config it runs, and the original's other files."""
-    hydra_dir = os.path.join(out_dir, ".hydra")
+    hydra_dir = paths.hydra_dir(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir} is not empty: reproduce writes into a new folder")
     os.makedirs(hydra_dir)
@@ -119,12 +119,12 @@ def compare(original: Dict[str, float], new: Dict[str, float]) -> List[str]:
 
 
 def default_out_dir() -> str:
-    return os.path.join("outputs", "reproduce", time.strftime("%Y-%m-%d_%H-%M-%S"))
+    return paths.reproduce_dir(time.strftime("%Y-%m-%d_%H-%M-%S"))
 
 
 def reproduce(source: str, out_dir: Optional[str] = None, tracking_uri: Optional[str] = None) -> Dict[str, object]:
     """Rerun `source` (a run folder or an MLflow run id) into `out_dir`; return both results."""
-    from dpo_sweep.run import METRICS_FILE, run_trial  # torch and transformers load here
+    from dpo_sweep.run import run_trial  # torch and transformers load here
 
     with tempfile.TemporaryDirectory() as scratch:
         if os.path.isdir(source):
@@ -140,7 +140,7 @@ def reproduce(source: str, out_dir: Optional[str] = None, tracking_uri: Optional
         prepare_folder(out_dir, original, cfg)
     print(f"reproducing {original.label} into {out_dir}", flush=True)
     run_trial(cfg, out_dir=out_dir)
-    with open(os.path.join(out_dir, METRICS_FILE)) as f:
+    with open(paths.metrics_file(out_dir)) as f:
         new = json.load(f)
     print("\n".join(compare({"objective": original.objective, **original.metrics},
                             {"objective": new["objective"], **new["metrics"]})), flush=True)

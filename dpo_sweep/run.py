@@ -16,11 +16,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_sweep import distributed, models, paths, reference, tracking
+from dpo_sweep import distributed, models, names, paths, reference, tracking
 from dpo_sweep.config import ConfigError, objective_spec, validate
-from dpo_sweep.data import load_preference_data
-from dpo_sweep.logprobs import enable_prompt_sharing
+from dpo_sweep.logprobs import apply_prompt_sharing, decide_prompt_sharing
 from dpo_sweep.paths import METRICS_FILE
+from dpo_sweep.setup import RunSetup, prepare_run
 from dpo_sweep.trainer import EvalCallback, Trainer, TrialStopped
 
 log = logging.getLogger(__name__)
@@ -42,23 +42,16 @@ def hydra_dirs() -> tuple[Optional[str], Optional[str]]:
     return hc.runtime.output_dir, hc.runtime.cwd
 
 
-def precision_for(device: torch.device, precision: str) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def build_reference(cfg: DictConfig, policy, data, pad_id: int, device, autocast, cwd: Optional[str]):
+def build_reference(cfg: DictConfig, policy, run: RunSetup, cwd: Optional[str]):
     mode = cfg.train.reference
     if mode == "none":
         return reference.NoReference()
     if mode == "copy" and models.is_lora(policy):
-        return reference.AdapterOffReference(policy, autocast)
+        return reference.AdapterOffReference(policy, run.autocast)
     if mode == "copy":
-        return reference.LiveReference(models.make_reference(policy), autocast)
-    settings = f"precision={precision_for(device, cfg.train.precision)}"
-    args = (policy, {"train": data.train, "eval": data.eval}, pad_id, cfg.train.eval_batch_size,
-            device, autocast, paths.cache_dir(cwd), settings)
+        return reference.LiveReference(models.make_reference(policy), run.autocast)
+    args = (policy, {"train": run.data.train, "eval": run.data.eval}, run.tokenizer.pad_token_id,
+            cfg.train.eval_batch_size, run.device, run.autocast, paths.cache_dir(cwd), f"precision={run.precision}")
     if cfg.train.fsdp:  # the sharded model needs every rank in each forward: all compute it
         return reference.precomputed(*args, write=distributed.is_main())[0]
     if not distributed.is_main():  # rank 0 computes the cache, the other ranks then read it
@@ -69,17 +62,17 @@ def build_reference(cfg: DictConfig, policy, data, pad_id: int, device, autocast
     return ref
 
 
-def shard_with_reference(cfg: DictConfig, policy, data, pad_id: int, device, autocast, cwd: Optional[str]):
+def shard_with_reference(cfg: DictConfig, policy, run: RunSetup, cwd: Optional[str]):
     """FSDP: shard the policy over the ranks (in place) and build its reference: a sharded
     frozen copy, or log-probs precomputed by the sharded policy."""
     if distributed.world_size() < 2:
         raise ConfigError("config key 'train.fsdp' = True: expected a run under torchrun with >= 2 processes")
     ref_model = models.make_reference(policy) if cfg.train.reference == "copy" else None
-    distributed.shard_model(policy, device)
+    distributed.shard_model(policy, run.device)
     if ref_model is None:
-        return build_reference(cfg, policy, data, pad_id, device, autocast, cwd)
-    distributed.shard_model(ref_model, device)
-    return reference.LiveReference(ref_model, autocast, head_only=False)
+        return build_reference(cfg, policy, run, cwd)
+    distributed.shard_model(ref_model, run.device)
+    return reference.LiveReference(ref_model, run.autocast, head_only=False)
 
 
 def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[EvalCallback] = ()) -> Objective:
@@ -98,7 +91,7 @@ def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[
     try:
         if tracker:
             tracker.log_params(tracking.flatten(cfg))
-            tracker.set_tags({"run_dir": os.path.abspath(out_dir)})
+            tracker.set_tags({names.RUN_DIR: os.path.abspath(out_dir)})
         metrics = _train(cfg, out_dir, cwd, tracker, on_eval)
         objective = objective_values(cfg, metrics)
         metric = OmegaConf.to_container(cfg.objective)["metric"]
@@ -108,7 +101,7 @@ def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[
                 json.dump(result, f, indent=2)
         if tracker:
             tracker.log_artifact(os.path.join(out_dir, METRICS_FILE))
-            tracker.log_artifact(os.path.join(out_dir, ".hydra"), "hydra")
+            tracker.log_artifact(paths.hydra_dir(out_dir), "hydra")
             tracker.log_metrics(objective_metrics(objective), step=0)
         status = "FINISHED"
         distributed.barrier()  # torchrun: no rank leaves while rank 0 still writes
@@ -156,33 +149,25 @@ def sweep_callbacks(cfg: DictConfig, total_steps: int) -> List[EvalCallback]:
 
 def build_trainer(cfg: DictConfig, cwd: Optional[str] = None, tracker=None, on_eval=()) -> Tuple[Trainer, Any]:
     """Tokenizer, data (checked before any model loads), policy, reference, and the Trainer."""
-    if distributed.launched_by_torchrun():
-        device = distributed.init(cfg.train.device)
+    device = distributed.init(cfg.train.device) if distributed.launched_by_torchrun() else None
+    run = prepare_run(cfg, tracker, device)
+    policy = models.load_policy(cfg.model, run.tokenizer, cfg.seed).to(run.device)
+    t = cfg.train
+    sharing = decide_prompt_sharing(policy, t.share_prompt, t.max_length, t.fsdp)
+    apply_prompt_sharing(policy, sharing)  # before the reference: its copy or pass shares it too
+    if sharing.requested and not sharing.layout:
+        log.info("train.share_prompt: two rows a pair instead, because %s (batches are still grouped by the "
+                 "one-row length; train.share_prompt=false groups them by the two-row length)", sharing.reason)
+    if t.fsdp:
+        ref = shard_with_reference(cfg, policy, run, cwd)
     else:
-        device = models.resolve_device(cfg.train.device)
-    autocast = reference.autocast_for(device, precision_for(device, cfg.train.precision))
-    tokenizer = models.load_tokenizer(cfg.model)
-    data = load_preference_data(cfg.dataset, tokenizer, cfg.train.max_length, cfg.train.max_prompt_length)
-    log.info("data: %d train pairs, %d eval pairs, %d rows skipped", len(data.train), len(data.eval), data.skipped)
-    if tracker:
-        tracker.log_metrics({"data/train_pairs": len(data.train), "data/eval_pairs": len(data.eval),
-                             "data/skipped_rows": data.skipped}, step=0)
-    policy = models.load_policy(cfg.model, tokenizer, cfg.seed).to(device)
-    if cfg.train.share_prompt and not cfg.train.fsdp:  # before the reference: its copy or pass shares it too
-        blocker = enable_prompt_sharing(policy, cfg.train.max_length)
-        if blocker:
-            log.info("train.share_prompt: two rows a pair instead, because %s (batches are still grouped by the "
-                     "one-row length; train.share_prompt=false groups them by the two-row length)", blocker)
-    if cfg.train.fsdp:
-        ref = shard_with_reference(cfg, policy, data, tokenizer.pad_token_id, device, autocast, cwd)
-    else:
-        ref = build_reference(cfg, policy, data, tokenizer.pad_token_id, device, autocast, cwd)
-    models.configure_training(policy, cfg.train.gradient_checkpointing, cfg.train.compile)
+        ref = build_reference(cfg, policy, run, cwd)
+    models.configure_training(policy, t.gradient_checkpointing, t.compile)
     trainer = Trainer(
-        cfg, policy, ref, data.train, data.eval, tokenizer.pad_token_id, device, autocast,
-        log_metrics=tracker.log_metrics if tracker else (lambda m, s: None), on_eval=on_eval,
+        cfg, policy, ref, run.data.train, run.data.eval, run.tokenizer.pad_token_id, run.device, run.autocast,
+        sharing, log_metrics=tracker.log_metrics if tracker else (lambda m, s: None), on_eval=on_eval,
     )
-    return trainer, tokenizer
+    return trainer, run.tokenizer
 
 
 def _resume(cfg: DictConfig, trainer: Trainer, out_dir: str, tracker) -> None:
@@ -205,7 +190,7 @@ def _train(cfg: DictConfig, out_dir: str, cwd: Optional[str], tracker, on_eval) 
     if cfg.trainer == "trl":  # TRL's DPOTrainer on the same config (a cross-check backend)
         from dpo_sweep import trl_backend
 
-        trainer, tokenizer = trl_backend.build_trainer(cfg, out_dir, cwd, tracker, on_eval)
+        trainer, tokenizer = trl_backend.build_trainer(cfg, out_dir, tracker, on_eval)
     else:
         trainer, tokenizer = build_trainer(cfg, cwd, tracker, on_eval)
     trainer.on_eval.extend(sweep_callbacks(cfg, trainer.total_steps))

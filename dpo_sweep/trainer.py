@@ -21,8 +21,11 @@ from transformers import PreTrainedModel
 
 from dpo_sweep import distributed, logprobs, paths
 from dpo_sweep.config import ConfigError
-from dpo_sweep.data import Pair, batch_indices, collate, collate_shared
+from dpo_sweep.batching import collate, collate_shared
+from dpo_sweep.pairs import Pair
+from dpo_sweep.logprobs import PromptSharing
 from dpo_sweep.losses import LOSSES, METRIC_NAMES, reward_metrics
+from dpo_sweep.steps import epoch_order, eval_batches, lr_factor, steps_per_epoch
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -65,29 +68,6 @@ class DPOObjective:
         return losses, reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
 
 
-def steps_per_epoch(n_pairs: int, batch_size: int, grad_accum: int, world: int = 1) -> int:
-    """Optimizer steps in one epoch: a last incomplete step is dropped, and (with several
-    processes) a last batch too small to give every rank a pair."""
-    full, rest = divmod(n_pairs, batch_size)
-    micro_batches = full + (1 if rest >= world else 0)
-    return max(1, micro_batches // grad_accum)
-
-
-def epoch_order(pairs: Sequence[Pair], t: DictConfig, seed: int, epoch: int, n_steps: int) -> List[List[int]]:
-    """The micro-batches of one epoch, in order: a pure function of the config, (seed, epoch) and
-    the data (not of the model or the number of processes), so a resumed run, another backend or
-    another number of GPUs sees the same batches. `t` is the train config. Lengths are grouped
-    by the layout `t.share_prompt` asks for."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = batch_indices(pairs, t.batch_size, t.shuffle, t.group_by_length, generator, t.share_prompt)
-    return order[: n_steps * t.grad_accum]
-
-
-def eval_batches(pairs: Sequence[Pair], t: DictConfig) -> List[List[int]]:
-    """The eval batches, in order (length-grouped, never shuffled)."""
-    return batch_indices(pairs, t.eval_batch_size, shuffle=False, group_by_length=True, shared_prompt=t.share_prompt)
-
-
 class PolicyLogps(torch.nn.Module):
     """The policy's forward as one module, so that DDP wraps exactly what training calls."""
 
@@ -97,19 +77,6 @@ class PolicyLogps(torch.nn.Module):
 
     def forward(self, batch: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
         return logprobs.batch_logps(self.model, batch, self.head_only)  # (2B,), (2B,)
-
-
-def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
-    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup from 0, then
-    constant, linear decay to 0, or cosine decay to 0 at `total`."""
-    if step < warmup:
-        return step / max(1, warmup)
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))  # cosine
 
 
 def build_optimizer(model: PreTrainedModel, cfg: DictConfig) -> torch.optim.Optimizer:
@@ -146,6 +113,7 @@ class Trainer:
         pad_id: int,
         device: torch.device,
         autocast: Callable[[], ContextManager],
+        sharing: PromptSharing,
         log_metrics: Callable[[Dict[str, float], int], None] = lambda m, s: None,
         on_eval: Sequence[EvalCallback] = (),
     ):
@@ -153,6 +121,7 @@ class Trainer:
         self.policy, self.reference = policy, reference
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
         self.pad_id, self.device, self.autocast = pad_id, device, autocast
+        self.sharing = sharing  # the layout the policy takes (run.build_trainer applied it) and the grouping
         self.log_metrics, self.on_eval = log_metrics, list(on_eval)
         self.objective = DPOObjective(cfg.beta, cfg.loss.name, cfg.loss.label_smoothing, cfg.loss.length_normalize)
         self.rank, self.world = distributed.rank(), distributed.world_size()
@@ -166,8 +135,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.t.lr_schedule, warmup, self.total_steps)
         )
-        # Batches in the layout the policy takes (build_trainer switched it when it can).
-        self.collate = collate_shared if logprobs.shares_prompt(policy) else collate
+        self.collate = collate_shared if sharing.layout else collate
         self.logps = PolicyLogps(policy, head_only=not self.t.fsdp)  # eval, and training in one process
         self.train_logps = self.logps
         if self.world > 1 and not self.t.fsdp:  # FSDP (sharded by build_trainer) reduces on its own
@@ -185,7 +153,7 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def epoch_batches(self, epoch: int) -> List[List[int]]:
-        return epoch_order(self.train_pairs, self.t, self.cfg.seed, epoch, self.steps_per_epoch)
+        return epoch_order(self.train_pairs, self.t, self.cfg.seed, epoch, self.steps_per_epoch, self.sharing)
 
     def micro_batches(self, start_step: int = 0):
         """Endless (epoch, this rank's indices, batch, pairs in the whole batch) from optimizer
@@ -247,7 +215,7 @@ class Trainer:
     def evaluate(self) -> Dict[str, float]:
         self.policy.eval()
         per_pair = []
-        batches = eval_batches(self.eval_pairs, self.t)
+        batches = eval_batches(self.eval_pairs, self.t, self.sharing)
         # Whole batches per rank; under FSDP every rank must join every forward, so each runs all.
         mine = batches if self.t.fsdp else distributed.shard(batches, self.world, self.rank)
         for idx in mine:

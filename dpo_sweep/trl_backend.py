@@ -23,20 +23,21 @@ import logging
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
 from omegaconf import DictConfig
 from transformers import TrainerCallback
 
 from dpo_sweep import distributed, models
 from dpo_sweep.config import ConfigError
-from dpo_sweep.data import Pair, load_preference_data
-from dpo_sweep.trainer import EvalCallback, build_optimizer, epoch_order, eval_batches, steps_per_epoch
+from dpo_sweep.logprobs import decide_prompt_sharing
+from dpo_sweep.setup import RunSetup, prepare_run
+from dpo_sweep.steps import steps_per_epoch
+from dpo_sweep.trl_data import TOKEN_COLUMNS, consecutive, eval_order, to_dataset, total_steps, train_batches
+from dpo_sweep.trainer import EvalCallback, build_optimizer
 
 log = logging.getLogger(__name__)
 
 TRL_REQUIREMENT = "trl>=1.16,<2"
 INSTALL_HINT = f"pip install 'dpo-sweep[trl]' (or pip install '{TRL_REQUIREMENT}')"
-TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 # Our lr_schedule -> transformers' lr_scheduler_type. Ours warms up linearly in every schedule,
 # so "constant" is transformers' "constant_with_warmup" (its "constant" ignores warmup).
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -98,48 +99,6 @@ def import_trl():
     return trl
 
 
-# ---------------------------------------------------------------------------- data
-
-
-def total_steps(cfg: DictConfig, n_pairs: int) -> int:
-    t = cfg.train
-    return t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch(n_pairs, t.batch_size, t.grad_accum)
-
-
-def train_batches(pairs: Sequence[Pair], cfg: DictConfig, steps: int) -> List[List[int]]:
-    """Pair indices of each micro-batch our Trainer trains on over `steps` optimizer steps."""
-    t = cfg.train
-    per_epoch = steps_per_epoch(len(pairs), t.batch_size, t.grad_accum)
-    batches: List[List[int]] = []
-    epoch = 0
-    while len(batches) < steps * t.grad_accum:
-        batches += epoch_order(pairs, t, cfg.seed, epoch, per_epoch)
-        epoch += 1
-    return batches[: steps * t.grad_accum]
-
-
-def consecutive(batches: Sequence[Sequence[int]]) -> List[List[int]]:
-    """Row numbers of each batch once the batches are laid out one after another:
-    [[7, 2], [5]] -> [[0, 1], [2]]."""
-    out, start = [], 0
-    for idx in batches:
-        out.append(list(range(start, start + len(idx))))
-        start += len(idx)
-    return out
-
-
-def eval_order(pairs: Sequence[Pair], t: DictConfig) -> List[int]:
-    """Pair indices in our eval batch order (Trainer.evaluate); `t` is the train config."""
-    return [i for idx in eval_batches(pairs, t) for i in idx]
-
-
-def to_dataset(pairs: Sequence[Pair], order: Sequence[int]):
-    """A datasets.Dataset of tokenised pairs in `order`, one row per visit, with TRL's columns."""
-    from datasets import Dataset
-
-    return Dataset.from_dict({col: [list(getattr(pairs[i], col)) for i in order] for col in TOKEN_COLUMNS})
-
-
 # ---------------------------------------------------------------------------- TRL objects
 
 
@@ -194,12 +153,10 @@ def pretokenised_trainer_class():
     return PretokenisedDPOTrainer
 
 
-def dpo_args(cfg: DictConfig, output_dir: str, device: torch.device, steps: int, warmup: int):
+def dpo_args(cfg: DictConfig, output_dir: str, run: RunSetup, steps: int, warmup: int):
     """TRL's DPOConfig for this run: our settings, fixed data order, logs every step, no saves."""
     import_trl()
     from trl import DPOConfig
-
-    from dpo_sweep.run import precision_for
 
     t = cfg.train
     return DPOConfig(
@@ -220,8 +177,8 @@ def dpo_args(cfg: DictConfig, output_dir: str, device: torch.device, steps: int,
         precompute_ref_log_probs=t.reference == "precomputed",
         train_sampling_strategy="sequential",  # unused with batch_rows: our batches, in our order
         seed=cfg.seed,
-        bf16=precision_for(device, t.precision) == "bf16",  # autocast, as ours; TRL's default is on
-        use_cpu=device.type == "cpu",
+        bf16=run.precision == "bf16",  # autocast, as ours; TRL's default is on
+        use_cpu=run.device.type == "cpu",
         disable_dropout=False,  # models.load_policy already did (LoRA dropout stays, as in ours)
         gradient_checkpointing=False,  # TRL's default is on; train.gradient_checkpointing is applied to
         # the policy by models.configure_training, as for our Trainer
@@ -299,32 +256,28 @@ class TRLRun:
         return {**self.history[-1], **self.bridge.last_eval}
 
 
-def build_trainer(cfg: DictConfig, out_dir: str, cwd: Optional[str] = None, tracker=None,
+def build_trainer(cfg: DictConfig, out_dir: str, tracker=None,
                   on_eval: Sequence[EvalCallback] = ()) -> Tuple[TRLRun, Any]:
     """Tokenizer, data (checked before any model loads), policy, reference, and TRL's trainer.
 
     Mirrors dpo_sweep.run.build_trainer; TRL's own files (none are saved) would go to
-    `<out_dir>/trl`. `cwd` is unused: TRL caches precomputed reference log-probs itself.
+    `<out_dir>/trl`. TRL caches precomputed reference log-probs itself.
     """
     check_config(cfg)
     import_trl()
     from transformers import PrinterCallback
 
-    device = models.resolve_device(cfg.train.device)
-    tokenizer = models.load_tokenizer(cfg.model)
-    data = load_preference_data(cfg.dataset, tokenizer, cfg.train.max_length, cfg.train.max_prompt_length)
-    log.info("data: %d train pairs, %d eval pairs, %d rows skipped", len(data.train), len(data.eval), data.skipped)
-    log_metrics = tracker.log_metrics if tracker else (lambda m, s: None)
-    log_metrics({"data/train_pairs": len(data.train), "data/eval_pairs": len(data.eval),
-                 "data/skipped_rows": data.skipped}, 0)
+    run = prepare_run(cfg, tracker)
+    data = run.data
     steps = total_steps(cfg, len(data.train))
     per_epoch = steps_per_epoch(len(data.train), cfg.train.batch_size, cfg.train.grad_accum)
     warmup = cfg.train.warmup_steps or int(cfg.train.warmup_ratio * steps)
-    batches = train_batches(data.train, cfg, steps)
+    sharing = decide_prompt_sharing(None, cfg.train.share_prompt)  # TRL takes two rows a pair; grouping as ours
+    batches = train_batches(data.train, cfg, steps, sharing)
     train_set = to_dataset(data.train, [i for idx in batches for i in idx])
-    eval_set = to_dataset(data.eval, eval_order(data.eval, cfg.train))
+    eval_set = to_dataset(data.eval, eval_order(data.eval, cfg.train, sharing))
 
-    policy = models.load_policy(cfg.model, tokenizer, cfg.seed).to(device)
+    policy = models.load_policy(cfg.model, run.tokenizer, cfg.seed).to(run.device)
     # TRL would reload the reference from the policy's hub name, which a model built from
     # model.config does not have: hand it our frozen copy. None: precomputed (TRL uses the policy
     # before its first step, then drops it), or LoRA (TRL scores the reference with a frozen copy
@@ -332,17 +285,18 @@ def build_trainer(cfg: DictConfig, out_dir: str, cwd: Optional[str] = None, trac
     copy = cfg.train.reference == "copy" and not models.is_lora(policy)
     ref_model = models.make_reference(policy) if copy else None
     models.configure_training(policy, cfg.train.gradient_checkpointing, cfg.train.compile)
+    log_metrics = tracker.log_metrics if tracker else (lambda m, s: None)
     bridge = MetricsBridge(cfg, steps, per_epoch, log_metrics, on_eval)
     trainer = pretokenised_trainer_class()(
         model=policy,
         ref_model=ref_model,
-        args=dpo_args(cfg, os.path.join(out_dir, "trl"), device, steps, warmup),
+        args=dpo_args(cfg, os.path.join(out_dir, "trl"), run, steps, warmup),
         train_dataset=train_set,
         eval_dataset=eval_set,
-        processing_class=tokenizer,
+        processing_class=run.tokenizer,
         callbacks=[bridge],
         optimizers=(build_optimizer(policy, cfg.optimizer), None),  # ours: no decay on 1-d weights
         batch_rows=consecutive(batches),
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
-    return TRLRun(trainer, policy, bridge), tokenizer
+    return TRLRun(trainer, policy, bridge), run.tokenizer

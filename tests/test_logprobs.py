@@ -82,12 +82,27 @@ def test_prompt_and_padding_do_not_count(tiny_model, tokenizer):
 
 
 def test_gradients_flow_only_through_response_positions(tiny_model, tokenizer):
+    """The gradient of the summed log-probs reaches the final hidden state at exactly the positions
+    whose next token is a response token: none at other prompt positions, none at padding."""
     pairs = make_pairs(tokenizer)
     batch = collate(pairs, tokenizer.pad_token_id)
     tiny_model.train()
+    captured = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        captured["hidden"] = output  # (N, T, H)
+
+    handle = tiny_model.get_decoder().norm.register_forward_hook(keep)
     logps, _ = sequence_logps(tiny_model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    handle.remove()
     logps.sum().backward()
-    assert all(p.grad is not None for p in tiny_model.parameters())
+    reached = captured["hidden"].grad.abs().sum(-1) > 0  # (N, T)
+    scoring = torch.zeros_like(reached)
+    scoring[:, :-1] = batch["loss_mask"][:, 1:].bool()  # position t scores the token at t + 1
+    assert torch.equal(reached, scoring)
+    assert (batch["attention_mask"] == 0).any() and not reached[batch["attention_mask"] == 0].any()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.parameters())
 
 
 def test_token_logps_chunks_agree():
@@ -206,3 +221,26 @@ def test_a_sliding_window_longer_than_every_sequence_does_not_stop_prompt_sharin
         assert logprobs.enable_prompt_sharing(model, 96) is None
         one, _ = logprobs.batch_logps(model, collate_shared(pairs, tokenizer.pad_token_id))
     assert_close(one, two, atol=1e-4, rtol=1e-5)
+
+
+def test_one_decision_on_prompt_sharing_and_its_reason(tokenizer):
+    """decide_prompt_sharing is the one place the layout is chosen: off in config, FSDP, a model
+    that cannot, a trainer that never takes it, and the shared case; grouping follows the request."""
+    llama = tiny_any("llama", tokenizer)
+    off = logprobs.decide_prompt_sharing(llama, requested=False)
+    assert (off.requested, off.layout, off.reason) == (False, False, "train.share_prompt=false")
+    fsdp = logprobs.decide_prompt_sharing(llama, requested=True, fsdp=True)
+    assert (fsdp.requested, fsdp.layout) == (True, False) and "FSDP" in fsdp.reason
+    trl = logprobs.decide_prompt_sharing(None, requested=True)
+    assert (trl.requested, trl.layout) == (True, False)
+    gpt2 = logprobs.decide_prompt_sharing(tiny("gpt2", tokenizer), requested=True)
+    assert (gpt2.requested, gpt2.layout) == (True, False) and "gpt2" in gpt2.reason
+    eager = logprobs.decide_prompt_sharing(tiny("llama", tokenizer, attn_implementation="eager"), requested=True)
+    assert not eager.layout and "eager" in eager.reason
+    shared = logprobs.decide_prompt_sharing(llama, requested=True, max_length=128)
+    assert (shared.requested, shared.layout, shared.reason) == (True, True, None)
+    assert not logprobs.shares_prompt(llama)  # deciding changes nothing; applying does
+    logprobs.apply_prompt_sharing(llama, gpt2)
+    assert not logprobs.shares_prompt(llama)
+    logprobs.apply_prompt_sharing(llama, shared)
+    assert logprobs.shares_prompt(llama)

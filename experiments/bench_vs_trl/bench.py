@@ -176,7 +176,8 @@ def worker_ours(a, betas) -> dict:
         results.append({"setup_s": t1 - t0, "train_s": t2 - t1, "final_loss": last["train/loss"],
                         "pairs": steps * a.batch_size, "tokens": real_tokens(trainer.train_pairs[: steps * a.batch_size]),
                         "unique_tokens": unique_tokens(trainer.train_pairs[: steps * a.batch_size]),
-                        "device": str(trainer.device)})
+                        "device": str(trainer.device), "shared_prompt": trainer.sharing.layout,
+                        "shared_prompt_reason": trainer.sharing.reason})
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -303,8 +304,10 @@ def table(rows: dict, a, peak_s_per_token: float) -> None:
         "peak MB": lambda r: r["peak_mb"],
         "final loss": lambda r: r["runs"][0]["final_loss"],
     }
-    device = rows["ours"][0]["runs"][0]["device"]
-    print(f"\nmedian of {a.repeats} on {device}:")
+    first = rows["ours"][0]["runs"][0]
+    device = first["device"]
+    sharing = "one row per pair" if first["shared_prompt"] else f"two rows a pair ({first['shared_prompt_reason']})"
+    print(f"\nmedian of {a.repeats} on {device}; ours: {sharing}:")
     print(f"| {'metric':22s} | {'ours':>10s} | {'TRL':>10s} | {'ours/TRL':>8s} |")
     print(f"|{'-' * 24}|{'-' * 12}|{'-' * 12}|{'-' * 10}|")
     for name, f in metrics.items():

@@ -1,0 +1,47 @@
+"""What a run needs before any model loads, the same for both trainers (ours and TRL's):
+the device, the precision and its autocast, the tokenizer, and the preference data, checked and
+counted. Data errors therefore stop a run before a model is loaded."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from dpo_sweep import models, reference
+from dpo_sweep.data import PreferenceData, load_preference_data
+
+log = logging.getLogger(__name__)
+
+
+def precision_for(device: torch.device, precision: str) -> str:
+    """`train.precision` resolved: auto is bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+@dataclass
+class RunSetup:
+    device: torch.device
+    precision: str  # fp32 | bf16
+    autocast: Callable[[], ContextManager]
+    tokenizer: Any
+    data: PreferenceData
+
+
+def prepare_run(cfg: DictConfig, tracker=None, device: Optional[torch.device] = None) -> RunSetup:
+    """Device (`device`, else `train.device` resolved), precision, tokenizer and data; the data
+    counts go to the log and, as `data/*`, to the tracker."""
+    device = device or models.resolve_device(cfg.train.device)
+    precision = precision_for(device, cfg.train.precision)
+    tokenizer = models.load_tokenizer(cfg.model)
+    data = load_preference_data(cfg.dataset, tokenizer, cfg.train.max_length, cfg.train.max_prompt_length)
+    log.info("data: %d train pairs, %d eval pairs, %d rows skipped", len(data.train), len(data.eval), data.skipped)
+    if tracker:
+        tracker.log_metrics({"data/train_pairs": len(data.train), "data/eval_pairs": len(data.eval),
+                             "data/skipped_rows": data.skipped}, step=0)
+    return RunSetup(device, precision, reference.autocast_for(device, precision), tokenizer, data)
