@@ -8,7 +8,7 @@ cross-field rules before any model or data set is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -199,26 +199,34 @@ def validate(cfg: DictConfig) -> None:
 
     for key, allowed in CHOICES.items():
         need(_get(cfg, key) in allowed, key, "one of " + ", ".join(allowed))
+    _check_loss_and_optimizer(cfg, need)
+    _check_train(cfg, need)
+    _check_dataset(cfg.dataset, need)
+    _check_model(cfg.model, need)
+    objective_spec(cfg)
+
+
+Need = Callable[[bool, str, str], None]  # (holds, key, what was expected)
+
+
+def _check_loss_and_optimizer(cfg: DictConfig, need: Need) -> None:
     need(cfg.beta > 0, "beta", "a number > 0")
     need(0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing", "0 <= value < 0.5")
-    need(cfg.optimizer.lr >= 0, "optimizer.lr", "a number >= 0")
-    need(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", "a number >= 0")
-    need(cfg.optimizer.eps > 0, "optimizer.eps", "a number > 0")
-    need(
-        len(cfg.optimizer.betas) == 2 and all(0 <= b < 1 for b in cfg.optimizer.betas),
-        "optimizer.betas",
-        "two numbers in [0, 1)",
-    )
+    o = cfg.optimizer
+    need(o.lr >= 0, "optimizer.lr", "a number >= 0")
+    need(o.weight_decay >= 0, "optimizer.weight_decay", "a number >= 0")
+    need(o.eps > 0, "optimizer.eps", "a number > 0")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", "two numbers in [0, 1)")
+
+
+def _check_train(cfg: DictConfig, need: Need) -> None:
     t = cfg.train
     for key in ("batch_size", "eval_batch_size", "grad_accum", "log_every", "epochs"):
         need(t[key] >= 1, f"train.{key}", "an integer >= 1")
     need(t.max_steps == -1 or t.max_steps >= 1, "train.max_steps", "-1 (use epochs) or >= 1")
     need(t.max_length >= 2, "train.max_length", "an integer >= 2")
-    need(
-        1 <= t.max_prompt_length < t.max_length,
-        "train.max_prompt_length",
-        f"1 <= value < train.max_length ({t.max_length})",
-    )
+    need(1 <= t.max_prompt_length < t.max_length, "train.max_prompt_length",
+         f"1 <= value < train.max_length ({t.max_length})")
     need(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0")
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "0 <= value < 1")
     need(t.eval_every >= 0, "train.eval_every", "an integer >= 0 (0: only at the end)")
@@ -227,24 +235,24 @@ def validate(cfg: DictConfig) -> None:
         need(t.checkpoint_every == 0 and not t.resume, "train.checkpoint_every",
              "0 with train.fsdp=true (sharded checkpoints are not written; use DDP to checkpoint)")
         need(not cfg.model.lora.enabled, "model.lora.enabled", "false with train.fsdp=true")
-    d = cfg.dataset
+
+
+def _check_dataset(d: DictConfig, need: Need) -> None:
     need(d.eval_size >= 0, "dataset.eval_size", "a number >= 0 (fraction if < 1, else rows)")
     need(d.builtin_size >= 10, "dataset.builtin_size", "an integer >= 10")
     for key in ("max_train_samples", "max_eval_samples"):
         need(d[key] is None or d[key] >= 1, f"dataset.{key}", "null or an integer >= 1")
-    m = cfg.model
-    need(
-        m.name_or_path is not None or bool(m.config),
-        "model.name_or_path",
-        "a hub name or local folder (or set model.config to build a model from scratch)",
-    )
+
+
+def _check_model(m: DictConfig, need: Need) -> None:
+    need(m.name_or_path is not None or bool(m.config), "model.name_or_path",
+         "a hub name or local folder (or set model.config to build a model from scratch)")
     if m.lora.enabled:
         need(m.lora.r >= 1, "model.lora.r", "an integer >= 1")
         need(m.lora.alpha > 0, "model.lora.alpha", "a number > 0")
         need(0 <= m.lora.dropout < 1, "model.lora.dropout", "0 <= value < 1")
     if m.name_or_path is None:
         need("model_type" in m.config, "model.config", "a mapping with a 'model_type' key")
-    objective_spec(cfg)
 
 
 def objective_spec(cfg: DictConfig) -> List[Tuple[str, str]]:

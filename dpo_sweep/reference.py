@@ -17,7 +17,8 @@ import torch
 from transformers import PreTrainedModel
 
 from dpo_sweep import distributed
-from dpo_sweep.data import Pair, batch_indices, collate, collate_shared
+from dpo_sweep.batching import batch_indices, collate, collate_shared
+from dpo_sweep.pairs import Pair
 from dpo_sweep.logprobs import batch_logps, shares_prompt
 
 log = logging.getLogger(__name__)
