@@ -8,7 +8,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from conftest import compose, write_jsonl
+from conftest import REPO, compose, write_jsonl
 from dpo_sweep.config import register, validate
 from dpo_sweep.paths import conf_dir
 from dpo_sweep.run import run_trial
@@ -56,8 +56,16 @@ def hydra_node(name):
         return hydra_compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
 
 
-def test_both_presets_exist():
+def test_every_preset_is_a_documented_experiment():
+    """Each conf/experiment/<name>.yaml has experiments/<name>/README.md, which gives the preset's
+    launch command (the yaml's second line); the two presets the README promises are there."""
     assert {"tiny_sweep", "phi2_truthy"} <= set(EXPERIMENTS)
+    for name in EXPERIMENTS:
+        with open(os.path.join(conf_dir(), "experiment", f"{name}.yaml")) as f:
+            launch = f.readlines()[1].lstrip("# ").strip()
+        readme = os.path.join(REPO, "experiments", name, "README.md")
+        assert os.path.isfile(readme), f"conf/experiment/{name}.yaml has no experiments/{name}/README.md"
+        assert launch.split(" -m")[0] in open(readme).read(), f"experiments/{name}/README.md lacks `{launch}`"
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

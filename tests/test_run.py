@@ -84,14 +84,39 @@ def test_same_config_gives_same_numbers(tmp_path):
     assert a == b and ma == mb
 
 
+# Each loss at step 1, where the policy is still its reference (h = 0): -log sigmoid(0) = ln 2 for
+# sigmoid, cdpo and robust (their label smoothing cancels at 0), (0 - 1/(2 beta))^2 = 25 for ipo
+# at beta 0.1, relu(1 - 0) = 1 for hinge.
+LOSS_AT_REFERENCE = {"sigmoid": math.log(2), "cdpo": math.log(2), "robust": math.log(2), "ipo": 25.0, "hinge": 1.0}
+
+
 @pytest.mark.parametrize("loss", ["sigmoid", "cdpo", "ipo", "hinge", "robust"])
 @pytest.mark.parametrize("reference", ["copy", "precomputed", "none"])
 def test_losses_and_reference_modes_train(tmp_path, monkeypatch, loss, reference):
+    """Every loss with every reference mode starts where its formula says and then trains: the
+    first step sees the policy equal to its reference (rewards 0, the loss's value at h = 0; no
+    reference: rewards are beta * the policy's log-probs), and the returned objective is the final
+    eval loss of a policy that has moved."""
+    from dpo_sweep.run import build_trainer, seed_everything
+
     monkeypatch.chdir(tmp_path)  # the reference cache goes under ./outputs/cache
     cfg = compose([f"loss={loss}", f"train.reference={reference}", "train.max_steps=3", "train.progress=false",
                    "tracking.enabled=false", "objective.metric=eval/loss", "objective.direction=minimize"])
     value = run_trial(cfg, out_dir=str(tmp_path / "run"))
-    assert math.isfinite(value)
+    assert value == json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]["eval/loss"]
+    seed_everything(cfg.seed)  # as run_trial does
+    trainer, _ = build_trainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    final = trainer.fit()
+    first = trainer.history[0]
+    assert final["eval/loss"] == pytest.approx(value, rel=1e-6)  # the same run, the same numbers
+    if reference == "none":
+        assert first["train/rewards/chosen"] == pytest.approx(0.1 * first["train/logps/chosen"], rel=1e-5)
+        assert first["train/rewards/chosen"] < 0
+    else:
+        assert abs(first["train/rewards/chosen"]) < 1e-5 and abs(first["train/rewards/rejected"]) < 1e-5
+        assert first["train/loss"] == pytest.approx(LOSS_AT_REFERENCE[loss], rel=1e-4)
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.policy.named_parameters())
 
 
 def test_precomputed_reference_matches_copy_and_reuses_cache(tmp_path, monkeypatch):
