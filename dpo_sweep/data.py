@@ -90,7 +90,7 @@ def load_rows(cfg: DictConfig) -> Tuple[Rows, Rows, str, str, int]:
     if cfg.path:
         train_rows, train_src = read_local(cfg.path), cfg.path
     elif cfg.name == "builtin":
-        train_rows, train_src = builtin_rows(cfg.builtin_size), "builtin"
+        train_rows, train_src = builtin_rows(cfg.builtin_size, version=cfg.builtin_version), "builtin"
     else:
         train_rows = _load_hub(cfg.name, cfg.train_split, "dataset.train_split")
         train_src = f"{cfg.name}[{cfg.train_split}]"

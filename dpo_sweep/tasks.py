@@ -1,10 +1,21 @@
 """The built-in preference set: small checkable tasks (uppercase, sort, add, reverse) whose chosen
-answer is the correct one. Generated, so the default run needs no download."""
+answer is the correct one. Generated, so the default run needs no download.
+
+Every prompt reads `<Task>: <input>\nAnswer: `, and `solve` gives the correct answer from the
+prompt alone, so a generated answer can be judged (judges/builtin.py).
+
+Version 2 (`dataset.builtin_version`, the default) makes each rejected answer a systematic
+mistake, the same kind for every row of a task (the input copied unchanged, sorted the wrong way,
+two numbers written side by side instead of added): a model fine-tuned on a mix of chosen and
+rejected answers then produces either kind, and preference training has a clear choice to learn.
+Version 1, the first set, mixed such mistakes with random one-letter slips; runs saved with it
+still reproduce.
+"""
 
 from __future__ import annotations
 
 import random
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 _WORDS = "apple river stone cloud maple tiger lemon piano rocket garden silver ocean winter".split()
 
@@ -51,13 +62,69 @@ def _reverse(rng: random.Random) -> Tuple[str, str, str]:
     return f"Reverse: {word}\nAnswer: ", good, bad
 
 
-def builtin_rows(n: int, seed: int = 1234) -> List[Dict[str, str]]:
+def _upper_v2(rng: random.Random) -> Tuple[str, str, str]:
+    text = " ".join(rng.sample(_WORDS, rng.randint(1, 3)))
+    return f"Uppercase: {text}\nAnswer: ", text.upper(), text  # left unchanged
+
+
+def _sort_v2(rng: random.Random) -> Tuple[str, str, str]:
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
+    while len(set(digits)) < 2 or digits == sorted(digits):
+        digits = [rng.randint(0, 9) for _ in range(len(digits))]
+    fmt = lambda xs: " ".join(map(str, xs))  # noqa: E731
+    return f"Sort: {fmt(digits)}\nAnswer: ", fmt(sorted(digits)), fmt(sorted(digits, reverse=True))
+
+
+def _add_v2(rng: random.Random) -> Tuple[str, str, str]:
+    a, b = rng.randint(1, 9), rng.randint(10, 49)
+    return f"Add: {a}+{b}\nAnswer: ", str(a + b), f"{a}{b}"  # written side by side
+
+
+def _reverse_v2(rng: random.Random) -> Tuple[str, str, str]:
+    word = rng.choice(_WORDS)
+    return f"Reverse: {word}\nAnswer: ", word[::-1], word  # copied
+
+
+VERSIONS = {1: (_upper, _sort, _add, _reverse), 2: (_upper_v2, _sort_v2, _add_v2, _reverse_v2)}
+
+
+def builtin_rows(n: int, seed: int = 1234, version: int = 2) -> List[Dict[str, str]]:
     """`n` standard rows of four small tasks whose chosen answer is the correct one."""
     rng = random.Random(seed)  # fixed: the data set does not change with the run's seed
-    tasks = (_upper, _sort, _add, _reverse)
+    tasks = VERSIONS[version]
     rows = []
     for i in range(n):
         prompt, chosen, rejected = tasks[i % len(tasks)](rng)
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     rng.shuffle(rows)
     return rows
+
+
+def _solve_sort(text: str) -> str:
+    return " ".join(sorted(text.split(), key=int))
+
+
+def _solve_add(text: str) -> str:
+    a, b = text.split("+")
+    return str(int(a) + int(b))
+
+
+SOLVERS = {
+    "Uppercase": str.upper,
+    "Sort": _solve_sort,
+    "Add": _solve_add,
+    "Reverse": lambda text: text[::-1],
+}
+
+
+def solve(prompt: str) -> Optional[str]:
+    """The correct answer to a built-in task's prompt (`Task: input\nAnswer: `, text before it is
+    ignored); None when the prompt is not one of the tasks."""
+    head, sep, _ = prompt.rpartition("\nAnswer:")
+    task, colon, text = head.rpartition("\n")[2].partition(": ")
+    if not (sep and colon) or task not in SOLVERS:
+        return None
+    try:
+        return SOLVERS[task](text)
+    except ValueError:
+        return None
