@@ -67,6 +67,9 @@ class DatasetConfig:
     on_bad_row: str = "error"
     # Size of the built-in set (train + eval pairs).
     builtin_size: int = 600
+    # The built-in set's generator (dpo_sweep/tasks.py): 2 makes every rejected answer a
+    # systematic mistake; 1 is the first set (runs saved with it reproduce with it).
+    builtin_version: int = 2
 
 
 @dataclass
@@ -121,6 +124,49 @@ class TrainConfig:
 
 
 @dataclass
+class GenConfig:
+    # Sample answers to held-out prompts at every eval and judge them (dpo_sweep/gen_eval.py).
+    enabled: bool = True
+    prompts: int = 32  # the first N prompts of the eval split
+    samples: int = 1  # answers per prompt
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # 1: the KL estimate is unbiased; 0: greedy
+    seed: int = 0  # the same seed gives the same samples
+    batch_size: int = 32  # prompts generated together; higher: more memory
+
+
+@dataclass
+class EvalConfig:
+    gen: GenConfig = field(default_factory=GenConfig)
+
+
+@dataclass
+class JudgeConfig:
+    # auto (builtin for the built-in set, else none) | builtin (the built-in tasks' rule) |
+    # reward_model (name_or_path) | none (no reward: KL and length only)
+    name: str = "auto"
+    # reward_model: a hub name or local folder of an AutoModelForSequenceClassification.
+    name_or_path: Optional[str] = None
+    batch_size: int = 16
+    max_length: int = 1024
+
+
+@dataclass
+class SFTConfig:
+    # Fine-tune the starting model on the data set's responses (next-token loss) before DPO; the
+    # result is both the reference and the policy's initial weights, cached in outputs/cache/.
+    # null: on for the built-in set (a random tiny model must learn its tasks first), else off.
+    enabled: Optional[bool] = None
+    steps: int = 1500
+    batch_size: int = 16  # rows per step
+    lr: float = 1e-3  # AdamW, constant after 10% warmup
+    # Share of rows whose SFT target is the rejected answer instead of the chosen one: a reference
+    # that is right only part of the time leaves DPO room to improve it.
+    rejected_share: float = 0.15
+    seed: int = 0
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     # MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/outputs/mlflow.db.
@@ -137,7 +183,8 @@ class ObjectiveConfig:
     # Final metric returned to the sweeper; the default does not change scale with beta.
     # A list of metrics ([eval/rewards/accuracies, eval/logps/chosen]) makes a multi-objective
     # sweep: the run returns a tuple, and `direction` is then a list of the same length.
-    metric: Any = "eval/rewards/accuracies"
+    # auto: eval/gen/reward when a judge scores the generated answers, else eval/rewards/accuracies.
+    metric: Any = "auto"
     direction: Any = "maximize"  # maximize | minimize (a list for several metrics)
 
 
@@ -161,6 +208,9 @@ class DPOSweepConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     sweep: SweepTrialConfig = field(default_factory=SweepTrialConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     beta: float = 0.1  # KL strength: higher keeps the policy closer to the reference
     seed: int = 0
     # Which training loop runs the config: dpo_sweep (ours) or trl (TRL's DPOTrainer, for
@@ -183,6 +233,8 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.reference": ("copy", "precomputed", "none"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "judge.name": ("auto", "builtin", "reward_model", "none"),
+    "dataset.builtin_version": (1, 2),
 }
 
 
@@ -198,11 +250,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: expected {expected}")
 
     for key, allowed in CHOICES.items():
-        need(_get(cfg, key) in allowed, key, "one of " + ", ".join(allowed))
+        need(_get(cfg, key) in allowed, key, "one of " + ", ".join(map(str, allowed)))
     _check_loss_and_optimizer(cfg, need)
     _check_train(cfg, need)
     _check_dataset(cfg.dataset, need)
     _check_model(cfg.model, need)
+    _check_eval_and_sft(cfg, need)
     objective_spec(cfg)
 
 
@@ -244,6 +297,50 @@ def _check_dataset(d: DictConfig, need: Need) -> None:
         need(d[key] is None or d[key] >= 1, f"dataset.{key}", "null or an integer >= 1")
 
 
+def _check_eval_and_sft(cfg: DictConfig, need: Need) -> None:
+    g = cfg.eval.gen
+    for key in ("prompts", "samples", "max_new_tokens", "batch_size"):
+        need(g[key] >= 1, f"eval.gen.{key}", "an integer >= 1")
+    need(g.temperature >= 0, "eval.gen.temperature", "a number >= 0 (0: greedy)")
+    if g.enabled and cfg.judge.name == "reward_model":
+        need(bool(cfg.judge.name_or_path), "judge.name_or_path", "a reward model (hub name or local folder)")
+    rewarded = generates(cfg) and judge_name(cfg) != "none"
+    for metric, _ in objective_spec(cfg):
+        if metric.startswith("eval/gen/"):
+            need(generates(cfg), "objective.metric",
+                 f"a metric this run logs: {metric} needs eval.gen.enabled=true (and no train.fsdp)")
+        if metric in ("eval/gen/reward", "eval/gen/win_rate", "eval/gen/ref_reward"):
+            need(rewarded, "objective.metric", f"a metric this run logs: {metric} needs a judge "
+                 "(judge=builtin on the built-in set, judge=reward_model elsewhere); or eval/gen/kl, "
+                 "eval/rewards/accuracies")
+    s = cfg.sft
+    need(s.steps >= 1, "sft.steps", "an integer >= 1")
+    need(s.batch_size >= 1, "sft.batch_size", "an integer >= 1")
+    need(s.lr > 0, "sft.lr", "a number > 0")
+    need(0 <= s.rejected_share <= 1, "sft.rejected_share", "0 <= value <= 1")
+
+
+def generates(cfg: DictConfig) -> bool:
+    """Whether the run's evals sample and judge answers (not under FSDP: see gen_eval.build_gen_eval)."""
+    return bool(cfg.eval.gen.enabled) and not cfg.train.fsdp
+
+
+def uses_builtin_data(cfg: DictConfig) -> bool:
+    return cfg.dataset.name == "builtin" and not cfg.dataset.path
+
+
+def judge_name(cfg: DictConfig) -> str:
+    """`judge.name` resolved: auto is builtin on the built-in set, else none."""
+    if cfg.judge.name == "auto":
+        return "builtin" if uses_builtin_data(cfg) else "none"
+    return cfg.judge.name
+
+
+def sft_enabled(cfg: DictConfig) -> bool:
+    """`sft.enabled` resolved: null is on for the built-in set, else off."""
+    return uses_builtin_data(cfg) if cfg.sft.enabled is None else bool(cfg.sft.enabled)
+
+
 def _check_model(m: DictConfig, need: Need) -> None:
     need(m.name_or_path is not None or bool(m.config), "model.name_or_path",
          "a hub name or local folder (or set model.config to build a model from scratch)")
@@ -255,12 +352,19 @@ def _check_model(m: DictConfig, need: Need) -> None:
         need("model_type" in m.config, "model.config", "a mapping with a 'model_type' key")
 
 
+def auto_metric(cfg: DictConfig) -> str:
+    """`objective.metric=auto`: what the policy generates, judged (eval/gen/reward), when a judge
+    scores this run's answers; else the pairwise eval/rewards/accuracies."""
+    judged = generates(cfg) and judge_name(cfg) != "none"
+    return "eval/gen/reward" if judged else "eval/rewards/accuracies"
+
+
 def objective_spec(cfg: DictConfig) -> List[Tuple[str, str]]:
     """The objective as (metric, direction) pairs: one pair, or several for a multi-objective
     sweep. Raise ConfigError naming `objective.metric` or `objective.direction`."""
     metric, direction = cfg.objective.metric, cfg.objective.direction
     several = OmegaConf.is_list(metric)
-    metrics = list(metric) if several else [metric]
+    metrics = list(metric) if several else [auto_metric(cfg) if metric == "auto" else metric]
     directions = list(direction) if OmegaConf.is_list(direction) else [direction]
     if not metrics or not all(isinstance(m, str) and m for m in metrics):
         raise ConfigError(f"config key 'objective.metric' = {metric!r}: expected a metric name such as "

@@ -81,8 +81,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_policy(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
-    """The trainable model, in train mode with dropout off, on the CPU."""
+def load_policy(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
+                prepare_base=None) -> PreTrainedModel:
+    """The trainable model, in train mode with dropout off, on the CPU. `prepare_base(model)`,
+    when given, runs on the base model before any LoRA adapters are added (the SFT stage)."""
     dtype = _dtype(model_cfg.dtype)
     extra = {}
     if model_cfg.attn_implementation:
@@ -110,6 +112,8 @@ def load_policy(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)
+    if prepare_base is not None:
+        prepare_base(model)
     if model_cfg.lora.enabled:
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # the same seed gives the same initial adapters

@@ -33,7 +33,8 @@ RUN_ID = re.compile(r"[0-9a-f]{32}")
 SAVED_FILES = ("config.yaml", "overrides.yaml", "hydra.yaml")  # what a run keeps in .hydra/
 # Settings added since a run may have been saved, with the value that matches how such a run
 # trained: a saved config without the key reruns with this value, not today's default.
-BEFORE_THEY_EXISTED = {"train.share_prompt": False}
+BEFORE_THEY_EXISTED = {"train.share_prompt": False, "eval.gen.enabled": False, "sft.enabled": False,
+                       "dataset.builtin_version": 1, "judge.name": "none"}
 
 
 @dataclass
@@ -80,8 +81,9 @@ def rerun_config(saved: DictConfig, label: str) -> DictConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(DPOSweepConfig), saved)
     except OmegaConfBaseException as e:
         raise ConfigError(f"the saved config of {label} does not fit today's schema: {e}") from e
+    absent = object()
     for key, value in BEFORE_THEY_EXISTED.items():
-        if OmegaConf.select(saved, key) is None:
+        if OmegaConf.select(saved, key, default=absent) is absent:  # missing, not merely null
             OmegaConf.update(cfg, key, value)
     cfg.sweep = OmegaConf.structured(SweepTrialConfig)
     cfg.tracking.parent_run_id = None

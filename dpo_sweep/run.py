@@ -18,9 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_sweep import distributed, models, names, paths, reference, tracking
 from dpo_sweep.config import ConfigError, objective_spec, validate
+from dpo_sweep.gen_eval import build_gen_eval
 from dpo_sweep.logprobs import apply_prompt_sharing, decide_prompt_sharing
-from dpo_sweep.paths import METRICS_FILE
 from dpo_sweep.setup import RunSetup, prepare_run
+from dpo_sweep.sft import sft_stage
 from dpo_sweep.trainer import EvalCallback, Trainer, TrialStopped
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,14 @@ def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[
             tracker.set_tags({names.RUN_DIR: os.path.abspath(out_dir)})
         metrics = _train(cfg, out_dir, cwd, tracker, on_eval)
         objective = objective_values(cfg, metrics)
-        metric = OmegaConf.to_container(cfg.objective)["metric"]
+        spec = [m for m, _ in objective_spec(cfg)]  # `auto` resolved
+        metric = spec if OmegaConf.is_list(cfg.objective.metric) else spec[0]
         result = {"objective": objective, "objective_metric": metric, "metrics": metrics}
         if main:
-            with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
+            with open(paths.metrics_file(out_dir), "w") as f:
                 json.dump(result, f, indent=2)
         if tracker:
-            tracker.log_artifact(os.path.join(out_dir, METRICS_FILE))
+            tracker.log_artifact(paths.metrics_file(out_dir))
             tracker.log_artifact(paths.hydra_dir(out_dir), "hydra")
             tracker.log_metrics(objective_metrics(objective), step=0)
         status = "FINISHED"
@@ -151,7 +153,7 @@ def build_trainer(cfg: DictConfig, cwd: Optional[str] = None, tracker=None, on_e
     """Tokenizer, data (checked before any model loads), policy, reference, and the Trainer."""
     device = distributed.init(cfg.train.device) if distributed.launched_by_torchrun() else None
     run = prepare_run(cfg, tracker, device)
-    policy = models.load_policy(cfg.model, run.tokenizer, cfg.seed).to(run.device)
+    policy = models.load_policy(cfg.model, run.tokenizer, cfg.seed, sft_stage(cfg, run, cwd)).to(run.device)
     t = cfg.train
     sharing = decide_prompt_sharing(policy, t.share_prompt, t.max_length, t.fsdp)
     apply_prompt_sharing(policy, sharing)  # before the reference: its copy or pass shares it too
@@ -162,10 +164,13 @@ def build_trainer(cfg: DictConfig, cwd: Optional[str] = None, tracker=None, on_e
         ref = shard_with_reference(cfg, policy, run, cwd)
     else:
         ref = build_reference(cfg, policy, run, cwd)
+    live = ref.model if isinstance(ref, reference.LiveReference) and not models.is_lora(policy) else None
+    gen_eval = build_gen_eval(cfg, policy, run, cwd, live)  # before training: a copy of the policy as it starts
     models.configure_training(policy, t.gradient_checkpointing, t.compile)
     trainer = Trainer(
         cfg, policy, ref, run.data.train, run.data.eval, run.tokenizer.pad_token_id, run.device, run.autocast,
         sharing, log_metrics=tracker.log_metrics if tracker else (lambda m, s: None), on_eval=on_eval,
+        gen_eval=gen_eval,
     )
     return trainer, run.tokenizer
 
@@ -193,10 +198,17 @@ def _train(cfg: DictConfig, out_dir: str, cwd: Optional[str], tracker, on_eval) 
         trainer, tokenizer = trl_backend.build_trainer(cfg, out_dir, tracker, on_eval)
     else:
         trainer, tokenizer = build_trainer(cfg, cwd, tracker, on_eval)
+    gen_eval = getattr(trainer, "gen_eval", None)
+    if gen_eval is not None and tracker:  # each eval's samples, as a table in the MLflow UI
+        trainer.on_eval.insert(0, lambda step, _: tracker.log_table(gen_eval.last_rows, f"samples/step_{step:06d}.json"))
     trainer.on_eval.extend(sweep_callbacks(cfg, trainer.total_steps))
     if isinstance(trainer, Trainer):
         _resume(cfg, trainer, out_dir, tracker)
     metrics = trainer.fit()
+    if gen_eval is not None and distributed.is_main():
+        samples = gen_eval.write_samples(out_dir)
+        if tracker:
+            tracker.log_artifact(samples)
     state_dict = None
     if cfg.train.fsdp and cfg.train.save_model:  # gathered by every rank, saved by rank 0
         state_dict = distributed.full_state_dict(trainer.policy)

@@ -36,6 +36,10 @@ class RunSetup:
 def prepare_run(cfg: DictConfig, tracker=None, device: Optional[torch.device] = None) -> RunSetup:
     """Device (`device`, else `train.device` resolved), precision, tokenizer and data; the data
     counts go to the log and, as `data/*`, to the tracker."""
+    if cfg.eval.gen.enabled and cfg.judge.name == "reward_model":  # before any model loads
+        from dpo_sweep.judges.reward_model import check_reward_model
+
+        check_reward_model(cfg.judge.name_or_path)
     device = device or models.resolve_device(cfg.train.device)
     precision = precision_for(device, cfg.train.precision)
     tokenizer = models.load_tokenizer(cfg.model)

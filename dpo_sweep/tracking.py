@@ -182,6 +182,11 @@ class Tracker:
         elif os.path.exists(path):
             self.client.log_artifact(self.run_id, path, artifact_path)
 
+    def log_table(self, rows: List[Dict[str, Any]], artifact_file: str) -> None:
+        """Rows of a table as MLflow's table artifact (shown in the run's artifact view)."""
+        if rows:
+            self.client.log_table(self.run_id, {k: [r[k] for r in rows] for k in rows[0]}, artifact_file)
+
     def end(self, status: str = "FINISHED") -> None:
         try:
             self.flush()

@@ -1,4 +1,5 @@
-"""The training loop: steps, accumulation, clipping, schedule, autocast, eval.
+"""The training loop: steps, accumulation, clipping, schedule, autocast, eval, and when to
+checkpoint (the file's contents: `dpo_sweep.checkpoint`).
 
 B pairs per micro-batch; each batch holds 2B sequences (chosen rows, then rejected rows) that go
 through the policy in one forward pass.
@@ -10,7 +11,6 @@ import contextlib
 import logging
 import math
 import os
-import random
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from dpo_sweep import distributed, logprobs, paths
+from dpo_sweep import checkpoint, distributed, logprobs, paths
 from dpo_sweep.config import ConfigError
 from dpo_sweep.batching import collate, collate_shared
 from dpo_sweep.pairs import Pair
@@ -116,6 +116,7 @@ class Trainer:
         sharing: PromptSharing,
         log_metrics: Callable[[Dict[str, float], int], None] = lambda m, s: None,
         on_eval: Sequence[EvalCallback] = (),
+        gen_eval=None,
     ):
         self.cfg, self.t = cfg, cfg.train
         self.policy, self.reference = policy, reference
@@ -123,6 +124,7 @@ class Trainer:
         self.pad_id, self.device, self.autocast = pad_id, device, autocast
         self.sharing = sharing  # the layout the policy takes (run.build_trainer applied it) and the grouping
         self.log_metrics, self.on_eval = log_metrics, list(on_eval)
+        self.gen_eval = gen_eval  # a gen_eval.GenEvaluator: what the policy generates, at every eval
         self.objective = DPOObjective(cfg.beta, cfg.loss.name, cfg.loss.label_smoothing, cfg.loss.length_normalize)
         self.rank, self.world = distributed.rank(), distributed.world_size()
         if self.t.batch_size % self.world:
@@ -224,8 +226,11 @@ class Trainer:
                 losses, metrics = self.objective(self.logps, self.reference, batch, "eval", idx)
             per_pair.append(dict(metrics, loss=losses))
         distributed.reshard(self.policy)
+        metrics = {f"eval/{k}": v for k, v in _mean(per_pair, self.device, across_ranks=not self.t.fsdp).items()}
+        if self.gen_eval is not None:
+            metrics.update(self.gen_eval.evaluate(self.policy))
         self.policy.train()
-        return {f"eval/{k}": v for k, v in _mean(per_pair, self.device, across_ranks=not self.t.fsdp).items()}
+        return metrics
 
     def _eval_and_report(self) -> Dict[str, float]:
         metrics = self.evaluate()
@@ -237,31 +242,11 @@ class Trainer:
     # -- checkpoints
 
     def save_checkpoint(self, path: str) -> None:
-        """Model, optimizer, scheduler, RNG states and step, written atomically to `path`."""
-        state = {
-            "step": self.step,
-            "model": self.policy.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "history": self.history,
-        }
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a crash while writing leaves the previous checkpoint intact
+        """Model, optimizer, scheduler, RNG states, step and history, written atomically to `path`."""
+        checkpoint.save(path, self.step, self.policy, self.optimizer, self.scheduler, self.history)
 
     def load_checkpoint(self, path: str) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        self.policy.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.step, self.history = state["step"], state["history"]
+        self.step, self.history = checkpoint.load(path, self.policy, self.optimizer, self.scheduler)
         log.info("resumed from %s at step %d", path, self.step)
 
     def _maybe_checkpoint(self) -> None:

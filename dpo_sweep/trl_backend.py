@@ -12,8 +12,9 @@ two backends start from the same place:
   `eval/...`) and sent to the same MLflow run; `fit()` returns the dict run_trial writes to
   metrics.json.
 
-Settings TRL 1.16 cannot honour raise ConfigError naming the key (see `check_config`). TRL is
-imported only here, and only when `trainer=trl`: `pip install 'dpo-sweep[trl]'`.
+Settings TRL 1.16 cannot honour raise ConfigError naming the key (`trl_config.check_config`).
+TRL is imported only by this module and `dpo_sweep.trl_config`, and only when `trainer=trl`:
+`pip install 'dpo-sweep[trl]'`.
 """
 
 from __future__ import annotations
@@ -26,77 +27,21 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig
 from transformers import TrainerCallback
 
-from dpo_sweep import distributed, models
-from dpo_sweep.config import ConfigError
+from dpo_sweep import models
+from dpo_sweep.gen_eval import build_gen_eval
 from dpo_sweep.logprobs import decide_prompt_sharing
-from dpo_sweep.setup import RunSetup, prepare_run
+from dpo_sweep.setup import prepare_run
+from dpo_sweep.sft import sft_stage
 from dpo_sweep.steps import steps_per_epoch
+from dpo_sweep.trl_config import check_config, dpo_args, import_trl
 from dpo_sweep.trl_data import TOKEN_COLUMNS, consecutive, eval_order, to_dataset, total_steps, train_batches
 from dpo_sweep.trainer import EvalCallback, build_optimizer
 
 log = logging.getLogger(__name__)
 
-TRL_REQUIREMENT = "trl>=1.16,<2"
-INSTALL_HINT = f"pip install 'dpo-sweep[trl]' (or pip install '{TRL_REQUIREMENT}')"
-# Our lr_schedule -> transformers' lr_scheduler_type. Ours warms up linearly in every schedule,
-# so "constant" is transformers' "constant_with_warmup" (its "constant" ignores warmup).
-SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 # Per-pair metrics TRL logs under the names we use (we add the train/ or eval/ prefix).
 SHARED_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "logps/chosen", "logps/rejected")
-
-
-# ---------------------------------------------------------------------------- config
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the first key whose value TRL 1.16's DPOTrainer cannot honour.
-
-    No TRL import, no model, no data (only torchrun's WORLD_SIZE is read); called before anything
-    loads.
-    """
-    t, loss = cfg.train, cfg.loss
-    if t.reference == "none":
-        raise ConfigError("config key 'train.reference' = 'none': TRL 1.16's DPOTrainer has no reference-free "
-                          "mode; use train.reference=copy or precomputed, or trainer=dpo_sweep")
-    if loss.name == "sigmoid" and loss.label_smoothing > 0:
-        raise ConfigError(f"config key 'loss.label_smoothing' = {loss.label_smoothing!r}: TRL 1.16 ignores label "
-                          "smoothing in its sigmoid loss, so cDPO (loss=cdpo) cannot run there; use loss=robust, "
-                          "or trainer=dpo_sweep")
-    if loss.length_normalize != (loss.name == "ipo"):
-        raise ConfigError(f"config key 'loss.length_normalize' = {loss.length_normalize!r}: TRL 1.16 "
-                          f"length-normalises the ipo loss and no other, so loss.name={loss.name} needs "
-                          f"loss.length_normalize={str(loss.name == 'ipo').lower()}; or use trainer=dpo_sweep")
-    if t.lr_schedule not in SCHEDULES:
-        raise ConfigError(f"config key 'train.lr_schedule' = {t.lr_schedule!r}: no transformers scheduler "
-                          f"matches it; with trainer=trl expected one of {', '.join(SCHEDULES)}")
-    if t.checkpoint_every > 0 or t.resume:
-        key = "train.checkpoint_every" if t.checkpoint_every > 0 else "train.resume"
-        raise ConfigError(f"config key '{key}' = {t[key.split('.')[1]]!r}: checkpoints and resume are "
-                          "our Trainer's (trainer=dpo_sweep); the TRL backend runs start to end")
-    if t.fsdp or distributed.launched_by_torchrun():
-        key, value = ("train.fsdp", t.fsdp) if t.fsdp else ("trainer", "trl")
-        raise ConfigError(f"config key '{key}' = {value!r}: the TRL backend runs in one process (its own "
-                          "multi-process batching differs from ours); run it without torchrun, or use "
-                          "trainer=dpo_sweep")
-    if t.device.startswith("cuda:") and t.device != "cuda:0":
-        raise ConfigError(f"config key 'train.device' = {t.device!r}: the transformers Trainer picks the GPU "
-                          "itself; use train.device=cuda and CUDA_VISIBLE_DEVICES to choose one")
-
-
-def import_trl():
-    """The trl module, checked against the version range this backend is written for."""
-    try:
-        import trl
-    except ImportError as e:
-        raise ConfigError(f"config key 'trainer' = 'trl' needs the trl package ({TRL_REQUIREMENT}), which is not "
-                          f"installed: {INSTALL_HINT}") from e
-    from packaging.version import Version
-
-    if not Version("1.16") <= Version(trl.__version__) < Version("2"):
-        raise ConfigError(f"config key 'trainer' = 'trl' needs {TRL_REQUIREMENT}, found trl {trl.__version__}: "
-                          f"{INSTALL_HINT}")
-    return trl
 
 
 # ---------------------------------------------------------------------------- TRL objects
@@ -153,44 +98,6 @@ def pretokenised_trainer_class():
     return PretokenisedDPOTrainer
 
 
-def dpo_args(cfg: DictConfig, output_dir: str, run: RunSetup, steps: int, warmup: int):
-    """TRL's DPOConfig for this run: our settings, fixed data order, logs every step, no saves."""
-    import_trl()
-    from trl import DPOConfig
-
-    t = cfg.train
-    return DPOConfig(
-        output_dir=output_dir,
-        max_steps=steps,  # our step count, whatever epochs says: the train rows already span them
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=cfg.optimizer.lr,  # the optimizer is ours; this one is for TRL's own logs
-        weight_decay=cfg.optimizer.weight_decay,
-        lr_scheduler_type=SCHEDULES[t.lr_schedule],
-        warmup_steps=warmup,
-        max_grad_norm=max(0.0, t.max_grad_norm),  # 0: no clipping; the norm is still logged
-        beta=cfg.beta,
-        loss_type=[cfg.loss.name],
-        label_smoothing=cfg.loss.label_smoothing,  # used by robust only
-        max_length=t.max_length,  # our pairs already fit: TRL's truncation never cuts
-        precompute_ref_log_probs=t.reference == "precomputed",
-        train_sampling_strategy="sequential",  # unused with batch_rows: our batches, in our order
-        seed=cfg.seed,
-        bf16=run.precision == "bf16",  # autocast, as ours; TRL's default is on
-        use_cpu=run.device.type == "cpu",
-        disable_dropout=False,  # models.load_policy already did (LoRA dropout stays, as in ours)
-        gradient_checkpointing=False,  # TRL's default is on; train.gradient_checkpointing is applied to
-        # the policy by models.configure_training, as for our Trainer
-        logging_steps=1,  # per-step metrics; log_every is applied when they reach MLflow
-        eval_strategy="no",  # evals are triggered by MetricsBridge, as our Trainer schedules them
-        save_strategy="no",
-        report_to="none",  # MLflow goes through dpo_sweep.tracking, not transformers' integration
-        disable_tqdm=not t.progress,
-        dataloader_num_workers=0,
-    )
-
-
 class MetricsBridge(TrainerCallback):
     """Renames TRL's logs to ours, sends them to the tracker, runs eval on our schedule.
 
@@ -206,6 +113,7 @@ class MetricsBridge(TrainerCallback):
         self.log_metrics, self.on_eval = log_metrics, list(on_eval)
         self.history: List[Dict[str, float]] = []
         self.last_eval: Dict[str, float] = {}
+        self.gen_eval, self.policy = None, None  # set by build_trainer when eval.gen is on
 
     def on_step_end(self, args, state, control, **kwargs):
         every = self.t.eval_every
@@ -228,6 +136,8 @@ class MetricsBridge(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.last_eval = {f"eval/{k}": float(metrics[f"eval_{k}"]) for k in SHARED_METRICS}
+        if self.gen_eval is not None:
+            self.last_eval.update(self.gen_eval.evaluate(self.policy))
         self.log_metrics(self.last_eval, state.global_step)
         for callback in self.on_eval:
             callback(state.global_step, self.last_eval)
@@ -242,6 +152,7 @@ class TRLRun:
         self.trainer, self.policy, self.bridge = trainer, policy, bridge
         self.total_steps = bridge.steps
         self.on_eval = bridge.on_eval  # the same list: callbacks added here run at every eval
+        self.gen_eval = bridge.gen_eval
 
     @property
     def history(self) -> List[Dict[str, float]]:
@@ -277,7 +188,7 @@ def build_trainer(cfg: DictConfig, out_dir: str, tracker=None,
     train_set = to_dataset(data.train, [i for idx in batches for i in idx])
     eval_set = to_dataset(data.eval, eval_order(data.eval, cfg.train, sharing))
 
-    policy = models.load_policy(cfg.model, run.tokenizer, cfg.seed).to(run.device)
+    policy = models.load_policy(cfg.model, run.tokenizer, cfg.seed, sft_stage(cfg, run, None)).to(run.device)
     # TRL would reload the reference from the policy's hub name, which a model built from
     # model.config does not have: hand it our frozen copy. None: precomputed (TRL uses the policy
     # before its first step, then drops it), or LoRA (TRL scores the reference with a frozen copy
@@ -287,6 +198,7 @@ def build_trainer(cfg: DictConfig, out_dir: str, tracker=None,
     models.configure_training(policy, cfg.train.gradient_checkpointing, cfg.train.compile)
     log_metrics = tracker.log_metrics if tracker else (lambda m, s: None)
     bridge = MetricsBridge(cfg, steps, per_epoch, log_metrics, on_eval)
+    bridge.gen_eval, bridge.policy = build_gen_eval(cfg, policy, run, None, ref_model), policy
     trainer = pretokenised_trainer_class()(
         model=policy,
         ref_model=ref_model,

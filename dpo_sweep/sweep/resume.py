@@ -86,7 +86,7 @@ def checkpoint_step(path: str) -> int:
     """The optimizer step a checkpoint was written at (its tensors are mapped, not read)."""
     import torch
 
-    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["step"])
+    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["step"])
 
 
 def resume_from_checkpoint(sw: Sweep, trial: optuna.Trial, job: List[str]) -> None:

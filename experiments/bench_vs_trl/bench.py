@@ -236,7 +236,7 @@ def run_child(who: str, a, betas) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny-5m", choices=sorted(MODELS))
     p.add_argument("--pairs", type=int, default=520, help="train pairs + 8 held out")
@@ -251,7 +251,20 @@ def main() -> None:
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--betas", default="0.1", help=argparse.SUPPRESS)
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def clear_cache(workdir: str) -> None:
+    """Remove our precomputed reference log-probs, so that the next run computes them again."""
+    from dpo_sweep.paths import cache_dir
+
+    cache = cache_dir(workdir)
+    for f in os.listdir(cache) if os.path.isdir(cache) else []:
+        os.remove(os.path.join(cache, f))
+
+
+def main() -> None:
+    a = parse_args()
     if a.worker:
         betas = [float(b) for b in a.betas.split(",")]
         out = worker_ours(a, betas) if a.worker == "ours" else worker_trl(a, betas)
@@ -270,9 +283,7 @@ def main() -> None:
     for r in range(a.repeats):
         for who in ("ours", "trl"):
             if who == "ours" and a.reference == "precomputed":  # each repeat starts without a cache
-                cache = os.path.join(a.workdir, "outputs", "cache")
-                for f in os.listdir(cache) if os.path.isdir(cache) else []:
-                    os.remove(os.path.join(cache, f))
+                clear_cache(a.workdir)
             rows[who].append(run_child(who, a, [0.1]))
             one = rows[who][-1]["runs"][0]
             print(f"  repeat {r + 1} {who:4s}: {one['pairs'] / one['train_s']:.1f} pairs/s, "
@@ -281,9 +292,7 @@ def main() -> None:
     table(rows, a, 6 * info["matmul_params"] / peak)
     if a.sweep:
         betas = [0.05, 0.1, 0.2, 0.5]
-        cache = os.path.join(a.workdir, "outputs", "cache")
-        for f in os.listdir(cache) if os.path.isdir(cache) else []:
-            os.remove(os.path.join(cache, f))
+        clear_cache(a.workdir)
         ours = run_child("ours", a, betas)
         theirs = run_child("trl", a, betas)
         print(f"\n4-trial beta sweep {betas}, wall time of the whole sweep (setup included):")
