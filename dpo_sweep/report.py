@@ -24,8 +24,10 @@ from typing import Dict, List, Optional, Tuple
 
 from dpo_sweep import names, report_plots, results
 from dpo_sweep.report_data import SweepReport, Trial, load_sweep
+from dpo_sweep.report_frontier import frontier_figure
 
 EVAL_COLUMNS = ("eval/rewards/accuracies", "eval/rewards/margins")
+GEN_COLUMNS = ("eval/gen/reward", "eval/gen/win_rate", "eval/gen/kl")  # when the trials logged them
 
 
 # -- the table
@@ -34,8 +36,12 @@ EVAL_COLUMNS = ("eval/rewards/accuracies", "eval/rewards/margins")
 def table_rows(report: SweepReport) -> Tuple[List[str], List[List[str]]]:
     """(header, rows) of the trials table, best first."""
     evals = [(m, lambda t, m=m: results.fmt(t.run.metrics.get(m))) for m in EVAL_COLUMNS]
+    gen = [(m, lambda t, m=m: results.fmt(t.run.metrics.get(m))) for m in GEN_COLUMNS
+           if any(m in t.run.metrics for t in report.trials)]
     columns = [results.TRIAL, *results.param_columns(report.columns()), results.STATE, results.OBJECTIVE,
-               *evals, results.DURATION]
+               *gen, *evals, results.DURATION]
+    if len(report.metrics) > 1:  # a multi-objective sweep: its Pareto front
+        columns.insert(1, ("pareto", lambda t: "yes" if t.number in report.best else ""))
     return results.table_rows(report.trials, columns)
 
 
@@ -109,13 +115,18 @@ def results_markdown(report: SweepReport) -> str:
 
 
 def write_report(report: SweepReport, out_dir: str) -> Dict[str, str]:
-    """results.md, curves.png and heatmap.png in `out_dir`; return their paths."""
+    """results.md, curves.png, heatmap.png and (when the trials logged eval/gen/kl and
+    eval/gen/reward) frontier.png in `out_dir`; return their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, name) for name in ("results.md", "curves.png", "heatmap.png")}
     with open(paths["results.md"], "w") as f:
         f.write(results_markdown(report))
     report_plots.save(report_plots.curves_figure(report), paths["curves.png"])
     report_plots.save(report_plots.objective_figure(report), paths["heatmap.png"])
+    frontier = frontier_figure(report)
+    if frontier is not None:
+        paths["frontier.png"] = os.path.join(out_dir, "frontier.png")
+        report_plots.save(frontier, paths["frontier.png"])
     return paths
 
 

@@ -111,8 +111,26 @@ def log_to_parent(sw: Sweep, trials: Sequence[FrozenTrial], summary: Dict[str, A
         parent.log_artifact(os.path.join(tmp, paths.SEARCH_SPACE_FILE))
         for path in (paths.results_file(sw.sweep_dir), paths.multirun_file(sw.sweep_dir)):
             parent.log_artifact(path)
-        if save_plots(sw, os.path.join(tmp, "plots")):
+        saved = save_plots(sw, os.path.join(tmp, "plots"))
+        if save_frontier(sw, os.path.join(tmp, "plots")):
+            saved.append("frontier.png")
+        if saved:
             parent.log_artifact(os.path.join(tmp, "plots"), "plots")
+
+
+def save_frontier(sw: Sweep, folder: str) -> bool:
+    """frontier.png (dpo_sweep.report_frontier) from the trials' runs, when they logged it."""
+    from dpo_sweep.report_data import load_sweep
+    from dpo_sweep.report_frontier import frontier_figure
+    from dpo_sweep.report_plots import save
+
+    sw.parent.flush()
+    figure = frontier_figure(load_sweep(sw.parent.run_id, sw.parent.uri))
+    if figure is None:
+        return False
+    os.makedirs(folder, exist_ok=True)
+    save(figure, os.path.join(folder, "frontier.png"))
+    return True
 
 
 def save_plots(sw: Sweep, folder: str) -> List[str]:
