@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import pytest
+
+from conftest import FAST
 from mlflow.tracking import MlflowClient
 
 STEPS = 5
-ARGS = [f"train.max_steps={STEPS}", "train.batch_size=8", "train.grad_accum=2", "train.eval_every=0",
+ARGS = [*FAST, f"train.max_steps={STEPS}", "train.batch_size=8", "train.grad_accum=2", "train.eval_every=0",
         "train.progress=false", "train.device=cpu", "optimizer.lr=2e-3"]
 
 

@@ -2,14 +2,17 @@
 few steps as a single run; its sweep parameters parse as Hydra sweep overrides of real keys."""
 
 import json
+import math
 import os
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
 
 from conftest import REPO, compose, write_jsonl
 from dpo_sweep.config import register, validate
+from dpo_sweep.models import load_policy, load_tokenizer
 from dpo_sweep.paths import conf_dir
 from dpo_sweep.run import run_trial
 
@@ -108,12 +111,23 @@ def test_phi2_truthy_preset_composes_as_written():
 
 
 def test_phi2_truthy_preset_trains_a_tiny_phi(tmp_path, monkeypatch):
+    """The preset's settings train the phi architecture: the reference log-probs are precomputed
+    from the policy's initial weights (so the loss starts at ln 2 and, at lr 1e-6, stays there),
+    and every parameter of the saved model moved from those weights by a few steps of that lr."""
     monkeypatch.chdir(tmp_path)  # the precomputed reference caches under ./outputs/cache
     cfg = compose(["+experiment=phi2_truthy"] + shrink("phi2_truthy", tmp_path))
     assert dict(cfg.model.config) == TINY_PHI
     run_trial(cfg, out_dir=str(tmp_path / "run"))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
-    assert metrics["train/loss"] == metrics["train/loss"] and metrics["eval/loss"] > 0  # finite
+    # policy == reference at step 0 gives loss ln 2; 3 steps of lr 1e-6 move it by ~1e-3
+    assert abs(metrics["train/loss"] - math.log(2)) < 1e-2 and abs(metrics["eval/loss"] - math.log(2)) < 1e-2
+    assert abs(metrics["eval/rewards/chosen"]) < 1e-2 and abs(metrics["eval/rewards/rejected"]) < 1e-2
     saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert saved["model_type"] == "phi" and saved["rope_parameters"]["partial_rotary_factor"] == 0.4
-    assert len(os.listdir(tmp_path / "outputs" / "cache")) == 1  # the reference was precomputed
+    cached = [f for f in os.listdir(tmp_path / "outputs" / "cache") if f.startswith("reflogps-")]
+    assert len(cached) == 1  # the reference was precomputed
+    initial = load_policy(cfg.model, load_tokenizer(cfg.model), cfg.seed)  # same seed: same weights
+    trained = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").named_parameters())
+    for name, before in initial.named_parameters():
+        moved = (trained[name] - before).abs().max().item()
+        assert 0 < moved < 2 * cfg.train.max_steps * cfg.optimizer.lr, (name, moved)  # Adam: ~lr a step

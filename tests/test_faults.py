@@ -20,12 +20,12 @@ from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from conftest import compose
+from conftest import FAST, compose
 from dpo_sweep import names, sweep, tracking
 from dpo_sweep.sweep import space as sweep_space
 from test_sweep import env, snapshot
 
-TINY = ["train.progress=false", "dataset.builtin_size=60", "dataset.eval_size=10"]
+TINY = [*FAST, "train.progress=false", "dataset.builtin_size=60", "dataset.eval_size=10"]
 POLL = 0.02  # seconds between looks at a running sweep
 
 

@@ -10,7 +10,8 @@ from dpo_sweep.models import load_tokenizer
 
 
 def test_phi2_preset_loads_through_transformers():
-    cfg = compose(["model=phi2", "dataset=truthy"])
+    # truthy has no judge, so the objective is one this run logs without one (as in phi2_truthy)
+    cfg = compose(["model=phi2", "dataset=truthy", "objective.metric=eval/rewards/accuracies"])
     validate(cfg)
     assert cfg.model.name_or_path == "microsoft/phi-2" and not cfg.model.config
     with pytest.raises(OSError, match="microsoft/phi-2"):

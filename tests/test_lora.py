@@ -15,7 +15,8 @@ from dpo_sweep.run import build_trainer, run_trial
 pytest.importorskip("peft")
 
 LORA = ["model.lora.enabled=true", "model.lora.r=4", "train.max_steps=4", "train.progress=false",
-        "tracking.enabled=false", "optimizer.lr=1e-2"]
+        "tracking.enabled=false", "optimizer.lr=1e-2",
+        "sft.enabled=false"]  # the base as loaded: the reference must be exactly it (tests/test_sft.py: the SFT stage)
 
 
 @pytest.mark.parametrize("reference", ["copy", "precomputed"])

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from conftest import REPO
+from conftest import FAST, REPO
 from dpo_sweep import results
 from test_sweep import env
 
@@ -25,7 +25,7 @@ FIXTURE = os.path.join(REPO, "tests", "fixtures", "old_sweep")
 WRITTEN_AT = "/tmp/dpo-sweep-fixture"  # where the store was written; every path in it starts so
 OWNER = "vm:2607"  # the sweeper that was killed
 PARENT = "9f619dbcd1da4101a7c07ac2d7dfbff0"
-OVERRIDES = ["train.progress=false", "dataset.builtin_size=60", "dataset.eval_size=10", "beta=0.1,0.5",
+OVERRIDES = [*FAST, "train.progress=false", "dataset.builtin_size=60", "dataset.eval_size=10", "beta=0.1,0.5",
              "train.max_steps=400", "train.eval_every=0", "tracking.experiment=old-sweep"]
 
 

@@ -12,10 +12,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import REPO
+from conftest import FAST, REPO
 from dpo_sweep import report, report_plots
 
-SMALL = ["train.max_steps=3", "dataset.builtin_size=60", "dataset.eval_size=10", "train.progress=false"]
+SMALL = [*FAST, "train.max_steps=3", "dataset.builtin_size=60", "dataset.eval_size=10", "train.progress=false"]
 
 
 def env():
@@ -117,7 +117,7 @@ def test_summary_names_the_sweep_and_its_store(grid):
     _, folder, store, _ = grid
     markdown = (folder / "results.md").read_text()
     parent, _ = mlflow_trials(store)
-    assert "- objective: eval/rewards/accuracies (maximize)" in markdown
+    assert "- objective: eval/gen/reward (maximize)" in markdown
     assert "- trials: 4 (4 COMPLETE)" in markdown
     assert "`beta=0.1,0.5`; `optimizer.lr=1e-4,1e-3`" in markdown
     assert f"parent run `{parent.info.run_id}`" in markdown and store in markdown
@@ -141,7 +141,7 @@ def test_grid_plots_are_labelled(grid):
     ax, colourbar = heat.axes
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("optimizer.lr", "beta")
     assert ax.images, "a grid is drawn as a heat map"
-    assert "eval/rewards/accuracies" in colourbar.get_ylabel() and "beta x optimizer.lr" in ax.get_title()
+    assert "eval/gen/reward" in colourbar.get_ylabel() and "beta x optimizer.lr" in ax.get_title()
     curves = report_plots.curves_figure(sweep_report)
     assert [a.get_ylabel() for a in curves.axes] == ["train/loss", "train/rewards/accuracies", "eval/rewards/accuracies"]
     assert all(a.get_xlabel() == "step" and a.get_title() for a in curves.axes)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import FAST
 from dpo_sweep.reproduce import main
 from test_sweep import env, run_sweep
 
@@ -73,7 +74,7 @@ def test_a_run_saved_before_share_prompt_existed_reruns_as_it_ran(tmp_path):
     """Its saved config has no train.share_prompt: it trained two rows a pair, grouped by that
     layout's lengths, and reproduces so (today's default would regroup the batches)."""
     run = tmp_path / "old"
-    proc = subprocess.run([sys.executable, "-m", "dpo_sweep", "train.max_steps=6", "train.progress=false",
+    proc = subprocess.run([sys.executable, "-m", "dpo_sweep", *FAST, "train.max_steps=6", "train.progress=false",
                            "train.share_prompt=false", f"hydra.run.dir={run}",
                            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
                           cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
@@ -84,3 +85,24 @@ def test_a_run_saved_before_share_prompt_existed_reruns_as_it_ran(tmp_path):
     check_identical(reproduce(tmp_path, str(run), "--out", str(tmp_path / "again")), run, tmp_path / "again")
     config = yaml.safe_load((tmp_path / "again" / ".hydra" / "config.yaml").read_text())
     assert config["train"]["share_prompt"] is False
+
+
+def test_a_run_saved_before_generation_eval_and_sft_existed_reruns_as_it_ran(tmp_path):
+    """Its saved config has no eval, judge or sft section and no dataset.builtin_version: it ran
+    the first built-in set with no SFT stage and no generation eval, and reproduces so."""
+    run = tmp_path / "old"
+    proc = subprocess.run([sys.executable, "-m", "dpo_sweep", "train.max_steps=6", "train.progress=false",
+                           "eval.gen.enabled=false", "sft.enabled=false", "dataset.builtin_version=1",
+                           "objective.metric=eval/rewards/accuracies", f"hydra.run.dir={run}",
+                           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    for section in ("eval", "judge", "sft"):
+        del saved[section]
+    del saved["dataset"]["builtin_version"]
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_identical(reproduce(tmp_path, str(run), "--out", str(tmp_path / "again")), run, tmp_path / "again")
+    config = yaml.safe_load((tmp_path / "again" / ".hydra" / "config.yaml").read_text())
+    assert config["eval"]["gen"]["enabled"] is False and config["sft"]["enabled"] is False
+    assert config["dataset"]["builtin_version"] == 1

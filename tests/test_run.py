@@ -39,8 +39,8 @@ def test_run_folder_holds_config_metrics_and_model(finished_run):
                  "model/config.json", "model/tokenizer.json"):
         assert (run_dir / name).is_file(), name
     result = json.loads((run_dir / "metrics.json").read_text())
-    assert result["objective_metric"] == "eval/rewards/accuracies"
-    assert result["objective"] == result["metrics"]["eval/rewards/accuracies"]
+    assert result["objective_metric"] == "eval/gen/reward"  # objective.metric=auto with the builtin judge
+    assert result["objective"] == result["metrics"]["eval/gen/reward"]
     assert 0.0 <= result["objective"] <= 1.0
 
 
@@ -126,12 +126,15 @@ def test_precomputed_reference_matches_copy_and_reuses_cache(tmp_path, monkeypat
     pre = json.loads(open(_run(tmp_path / "pre", base + ["train.reference=precomputed"])).read())["metrics"]
     for key, value in copy.items():
         assert pre[key] == pytest.approx(value, abs=1e-5), key
-    caches = os.listdir(tmp_path / "outputs" / "cache")
+    def reference_caches():
+        return sorted(c for c in os.listdir(tmp_path / "outputs" / "cache") if c.startswith("reflogps-"))
+
+    caches = reference_caches()
     assert len(caches) == 1
     _run(tmp_path / "pre2", base + ["train.reference=precomputed", "beta=0.5"])  # same model and data: reused
-    assert os.listdir(tmp_path / "outputs" / "cache") == caches
+    assert reference_caches() == caches
     _run(tmp_path / "pre3", base + ["train.reference=precomputed", "seed=1"])  # other weights: a new cache
-    assert len(os.listdir(tmp_path / "outputs" / "cache")) == 2
+    assert len(reference_caches()) == 2
 
 
 def _run(out_dir, overrides):
@@ -237,6 +240,7 @@ def test_a_model_that_cannot_share_the_prompt_trains_two_rows_a_pair(tmp_path, m
     with caplog.at_level("INFO", logger="dpo_sweep.run"):
         trainer, _ = build_trainer(cfg)
     assert trainer.collate is collate
+    assert trainer.sharing.requested and not trainer.sharing.layout and why in trainer.sharing.reason
     assert f"train.share_prompt: two rows a pair instead, because {why}" in caplog.text
     assert math.isfinite(trainer.fit()["eval/loss"])
 

@@ -14,10 +14,10 @@ from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from conftest import REPO
+from conftest import FAST, REPO
 from dpo_sweep.sweep import JOBLIB_LAUNCHER, gpu_slots, pins_gpus
 
-SMALL = ["train.max_steps=2", "train.eval_every=1", "train.progress=false", "dataset.builtin_size=100",
+SMALL = [*FAST, "train.max_steps=2", "train.eval_every=1", "train.progress=false", "dataset.builtin_size=100",
          "dataset.eval_size=20", "train.eval_batch_size=20"]
 PARALLEL = ["hydra.sweeper.n_jobs=2"]  # two trials asked, launched and told together
 SUBMITIT_LOCAL = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"

@@ -18,9 +18,9 @@ from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from conftest import REPO
+from conftest import FAST, REPO
 
-SMALL = ["train.max_steps=2", "train.progress=false", "dataset.builtin_size=100", "dataset.eval_size=20",
+SMALL = [*FAST, "train.max_steps=2", "train.progress=false", "dataset.builtin_size=100", "dataset.eval_size=20",
          "train.eval_batch_size=20"]
 
 
@@ -98,7 +98,8 @@ def test_grid_logs_one_parent_and_a_child_per_trial(grid_sweep, store):
         assert run.data.metrics["objective"] == pytest.approx(trials[number].value)
         assert run.info.status == "FINISHED"
     client = MlflowClient(tracking_uri=store)
-    assert {a.path for a in client.list_artifacts(children[0].info.run_id)} == {"hydra", "metrics.json"}
+    assert {a.path for a in client.list_artifacts(children[0].info.run_id)} == {"hydra", "metrics.json", "samples",
+                                                                               "samples.jsonl"}
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["space.beta"] == "0.1,0.5"
     best = max(trials.values(), key=lambda t: t.value)
@@ -211,7 +212,8 @@ def mixed_sweep(tmp_path_factory, store):
     (never moves off the reference, accuracy stays 0: clearly bad, pruned)."""
     tmp = tmp_path_factory.mktemp("mixed")
     proc = run_sweep(tmp, store, "mixed", "optimizer.lr=1e30,1e-2,0", "train.max_steps=4", "train.eval_every=1",
-                     "hydra.sweeper.pruner.name=median", "+hydra.sweeper.pruner.kwargs.n_startup_trials=1")
+                     "hydra.sweeper.pruner.name=median", "+hydra.sweeper.pruner.kwargs.n_startup_trials=1",
+                     "objective.metric=eval/rewards/accuracies")  # 4 steps: no answer is right yet, all tie
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp, proc
 

@@ -131,7 +131,7 @@ def test_objective_spec_single_and_multi():
     cfg = compose(["objective.metric=[eval/rewards/accuracies,eval/loss]", "objective.direction=[maximize,minimize]"])
     assert objective_spec(cfg) == [("eval/rewards/accuracies", "maximize"), ("eval/loss", "minimize")]
     assert objective_values(cfg, {"eval/rewards/accuracies": 0.7, "eval/loss": 0.6}) == (0.7, 0.6)
-    assert objective_values(compose(), {"eval/rewards/accuracies": 0.7}) == 0.7
+    assert objective_values(compose(), {"eval/gen/reward": 0.4, "eval/rewards/accuracies": 0.7}) == 0.4  # the default
     with pytest.raises(ConfigError, match="'objective.direction'.*a list of 2 directions"):
         validate(compose(["objective.metric=[eval/rewards/accuracies,eval/loss]"]))
     with pytest.raises(ConfigError, match="'objective.direction' = 'up'"):

@@ -115,10 +115,11 @@ def test_trainer_trl_writes_metrics_json_and_mlflow_run(tmp_path):
     objective = run_trial(cfg, out_dir=str(run_dir))
 
     result = json.loads((run_dir / "metrics.json").read_text())
-    assert result["objective_metric"] == "eval/rewards/accuracies"
-    assert result["objective"] == objective == result["metrics"]["eval/rewards/accuracies"]
+    assert result["objective_metric"] == "eval/gen/reward"  # objective.metric=auto with the builtin judge
+    assert result["objective"] == objective == result["metrics"]["eval/gen/reward"]
     names = {f"{split}/{m}" for split in ("train", "eval") for m in trl_backend.SHARED_METRICS}
-    assert set(result["metrics"]) == names | {"train/grad_norm", "train/lr", "train/epoch"}
+    gen = {f"eval/gen/{m}" for m in ("reward", "win_rate", "kl", "length", "ref_reward")}
+    assert set(result["metrics"]) == names | gen | {"train/grad_norm", "train/lr", "train/epoch"}
     assert (run_dir / "model" / "config.json").is_file()
 
     client = MlflowClient(tracking_uri=uri)
