@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dpo_sweep import paths, tracking
-from dpo_sweep.config import ConfigError, DPOSweepConfig, SweepTrialConfig
+from dpo_sweep.config import ConfigError
+from dpo_sweep.schema import DPOSweepConfig, SweepTrialConfig
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 SAVED_FILES = ("config.yaml", "overrides.yaml", "hydra.yaml")  # what a run keeps in .hydra/
