@@ -18,6 +18,7 @@ The reward metrics are left out when the judge gives no reward (`judge=none`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from dpo_sweep.generation import generate
 from dpo_sweep.judges import Judge
 from dpo_sweep.logprobs import sequence_logps
 from dpo_sweep.pairs import Pair
+from dpo_sweep.reference import fingerprint
 
 log = logging.getLogger(__name__)
 SAMPLES_FILE = "samples.jsonl"
@@ -112,8 +114,6 @@ class GenEvaluator:
 
     def _cache_key(self) -> str:
         h = hashlib.sha256()
-        from dpo_sweep.reference import fingerprint  # the reference weights' digest
-
         h.update(fingerprint(self.reference_model, {}, f"adapters_off={self.adapters_off}").encode())
         h.update(json.dumps({"prompts": self.prompts, "max_new_tokens": self.gen.max_new_tokens,
                              "temperature": self.gen.temperature, "seed": self.gen.seed}).encode())
@@ -127,9 +127,9 @@ class GenEvaluator:
             log.info("reference samples from cache %s", path)
             answers, ref_logps = saved["answers"], saved["ref_logps"]
         else:
-            with self._reference_weights() as model:
-                answers = self._sample(model)
-                ref_logps = self._logps(model, answers)
+            with self._reference_weights():
+                answers = self._sample(self.reference_model)
+                ref_logps = self._logps(self.reference_model, answers)
             if path:
                 os.makedirs(cache_dir, exist_ok=True)
                 tmp = f"{path}.{os.getpid()}.tmp"
@@ -140,11 +140,9 @@ class GenEvaluator:
         texts = self._texts(answers)
         return Samples(answers, texts, self.judge.score(self.prompt_texts, texts), ref_logps)
 
-    def _reference_weights(self):
-        """The reference model, as a context (a LoRA policy's adapters are off inside it)."""
-        if self.adapters_off:
-            return _AdaptersOff(self.reference_model)
-        return _As(self.reference_model)
+    def _reference_weights(self) -> ContextManager:
+        """Inside it, `reference_model` is the reference (a LoRA policy's adapters are off)."""
+        return self.reference_model.disable_adapter() if self.adapters_off else contextlib.nullcontext()
 
     def _sample(self, model) -> List[List[int]]:
         answers: List[List[int]] = []
@@ -168,8 +166,8 @@ class GenEvaluator:
         answers = self._sample(policy)
         texts = self._texts(answers)
         policy_logps = self._logps(policy, answers)
-        with self._reference_weights() as model:
-            ref_logps = self._logps(model, answers)
+        with self._reference_weights():
+            ref_logps = self._logps(self.reference_model, answers)
         rewards = self.judge.score(self.prompt_texts, texts)
         metrics = {"eval/gen/kl": sequence_kl(policy_logps, ref_logps),
                    "eval/gen/length": mean([len(a) for a in answers])}
@@ -194,27 +192,6 @@ class GenEvaluator:
             for row in self.last_rows:
                 f.write(json.dumps(row) + "\n")
         return path
-
-
-class _As:
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        return self.model
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _AdaptersOff(_As):
-    def __enter__(self):
-        self._context = self.model.disable_adapter()
-        self._context.__enter__()
-        return self.model
-
-    def __exit__(self, *exc):
-        return self._context.__exit__(*exc)
 
 
 def build_gen_eval(cfg: DictConfig, policy, run, cwd: Optional[str], reference_model=None) -> Optional[GenEvaluator]:

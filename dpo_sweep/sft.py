@@ -24,6 +24,7 @@ from dpo_sweep.batching import collate
 from dpo_sweep.config import sft_enabled
 from dpo_sweep.logprobs import sequence_logps
 from dpo_sweep.pairs import Pair
+from dpo_sweep.reference import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,6 @@ def train_sft(model, rows: Sequence[Pair], s: DictConfig, pad_id: int, device: t
 
 def cache_key(model, pairs: Sequence[Pair], s: DictConfig, settings: str) -> str:
     """sha256 of the starting weights and config, the train pairs, the SFT settings and `settings`."""
-    from dpo_sweep.reference import fingerprint
-
     h = hashlib.sha256()
     h.update(fingerprint(model, {"train": list(pairs)}, settings).encode())
     h.update(OmegaConf.to_yaml(s).encode())

@@ -225,24 +225,25 @@ class RunSummary:
     end_time: Optional[int] = None  # ms since the epoch; None while the run is RUNNING
 
 
-def _client(uri: str) -> "RetryingClient":
-    return RetryingClient(uri)
-
-
 def _summary(run) -> RunSummary:
     return RunSummary(run.info.run_id, run.info.run_name, run.info.status, dict(run.data.tags),
                       dict(run.data.params), dict(run.data.metrics), run.info.experiment_id,
                       run.info.start_time, run.info.end_time)
 
 
+def _search(client: RetryingClient, experiment_ids: List[str], filter_string: str) -> List[RunSummary]:
+    """Runs of these experiments matching an MLflow filter, newest first."""
+    if not experiment_ids:
+        return []
+    runs = client.search_runs(experiment_ids, filter_string, max_results=10000, order_by=["start_time DESC"])
+    return [_summary(r) for r in runs]
+
+
 def find_runs(uri: str, experiment: str, filter_string: str = "") -> List[RunSummary]:
     """Runs of `experiment` matching an MLflow filter (tags.`sweep.study_name` = 'x'), newest first."""
-    client = _client(uri)
+    client = RetryingClient(uri)
     exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    runs = client.search_runs([exp.experiment_id], filter_string, max_results=10000, order_by=["start_time DESC"])
-    return [_summary(r) for r in runs]
+    return _search(client, [exp.experiment_id] if exp else [], filter_string)
 
 
 def by_trial_number(runs: List[RunSummary]) -> Dict[int, RunSummary]:
@@ -261,26 +262,26 @@ def get_run(uri: str, run_id: str) -> Optional[RunSummary]:
     from mlflow.exceptions import MlflowException
 
     try:
-        return _summary(_client(uri).get_run(run_id))
+        return _summary(RetryingClient(uri).get_run(run_id))
     except MlflowException:
         return None
 
 
 def set_tags(uri: str, run_id: str, tags: Dict[str, Any]) -> None:
-    client = _client(uri)
+    client = RetryingClient(uri)
     for k, v in tags.items():
         client.set_tag(run_id, k, str(v)[:MAX_PARAM_LENGTH])
 
 
 def set_status(uri: str, run_id: str, status: str) -> None:
     """End a run with this status (FINISHED, FAILED, KILLED)."""
-    _client(uri).set_terminated(run_id, status=status)
+    RetryingClient(uri).set_terminated(run_id, status=status)
 
 
 def download_artifacts(uri: str, run_id: str, path: str, dst: str) -> str:
     """Copy the run's artifact `path` (a file or folder) into `dst`; return the local path."""
     os.makedirs(dst, exist_ok=True)
-    return _client(uri).download_artifacts(run_id, path, dst)
+    return RetryingClient(uri).download_artifacts(run_id, path, dst)
 
 
 # -- helpers for reports: runs of any experiment, metric histories
@@ -288,18 +289,14 @@ def download_artifacts(uri: str, run_id: str, path: str, dst: str) -> str:
 
 def find_runs_in_store(uri: str, filter_string: str = "") -> List[RunSummary]:
     """Active runs of every experiment in the store matching an MLflow filter, newest first."""
-    client = _client(uri)
-    ids = [e.experiment_id for e in client.search_experiments()]
-    if not ids:
-        return []
-    runs = client.search_runs(ids, filter_string, max_results=10000, order_by=["start_time DESC"])
-    return [_summary(r) for r in runs]
+    client = RetryingClient(uri)
+    return _search(client, [e.experiment_id for e in client.search_experiments()], filter_string)
 
 
 def metric_history(uri: str, run_id: str, key: str) -> List[Tuple[int, float]]:
     """Every logged (step, value) of one metric of a run, by step (the latest value per step)."""
     by_step: Dict[int, Tuple[int, float]] = {}
-    for m in _client(uri).get_metric_history(run_id, key):
+    for m in RetryingClient(uri).get_metric_history(run_id, key):
         if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
             by_step[m.step] = (m.timestamp, m.value)
     return [(step, value) for step, (_, value) in sorted(by_step.items())]
