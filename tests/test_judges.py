@@ -89,3 +89,27 @@ def test_reward_model_judge_needs_a_model():
 
     with pytest.raises(ConfigError, match="judge.name_or_path"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("eval.gen.prompts=0", "eval.gen.prompts"), ("eval.gen.max_new_tokens=0", "eval.gen.max_new_tokens"),
+    ("eval.gen.temperature=-1", "eval.gen.temperature"), ("sft.steps=0", "sft.steps"), ("sft.lr=0", "sft.lr"),
+    ("sft.rejected_share=1.5", "sft.rejected_share"), ("judge.name=oracle", "judge.name"),
+    ("dataset.builtin_version=3", "dataset.builtin_version"),
+])
+def test_bad_generation_judge_and_sft_settings_name_their_key(override, key):
+    from dpo_sweep.config import validate
+
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        validate(compose([override]))
+
+
+def test_a_judged_objective_without_a_judge_is_refused_before_training():
+    from dpo_sweep.config import objective_spec, validate
+
+    with pytest.raises(ConfigError, match="'objective.metric' = 'eval/gen/reward'.*needs a judge"):
+        validate(compose(["judge=none", "objective.metric=eval/gen/reward"]))
+    with pytest.raises(ConfigError, match="'objective.metric' = 'eval/gen/kl'.*eval.gen.enabled=true"):
+        validate(compose(["eval.gen.enabled=false", "objective.metric=eval/gen/kl"]))
+    assert objective_spec(compose(["judge=none"])) == [("eval/rewards/accuracies", "maximize")]  # auto
+    assert objective_spec(compose()) == [("eval/gen/reward", "maximize")]
