@@ -38,7 +38,7 @@ CHOICES = {
     "train.reference": ("copy", "precomputed", "none"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "judge.name": ("auto", "builtin", "reward_model", "none"),
-    "dataset.builtin_version": (1, 2),
+    "dataset.builtin_version": (1, 2, 3),
 }
 
 

@@ -55,15 +55,15 @@ class DatasetConfig:
     on_bad_row: str = "error"
     # Size of the built-in set (train + eval pairs).
     builtin_size: int = 600
-    # The built-in set's generator (dpo_sweep/tasks.py): 2 makes every rejected answer a
-    # systematic mistake; 1 is the first set (runs saved with it reproduce with it).
-    builtin_version: int = 2
+    # The built-in set's generator (dpo_sweep/tasks.py): 3 makes every rejected answer the
+    # non-answer "not sure"; 1 and 2 are earlier sets (runs saved with them reproduce with them).
+    builtin_version: int = 3
 
 
 @dataclass
 class OptimizerConfig:
     name: str = "adamw"
-    lr: float = 5e-4
+    lr: float = 2e-4
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -150,7 +150,7 @@ class SFTConfig:
     lr: float = 1e-3  # AdamW, constant after 10% warmup
     # Share of rows whose SFT target is the rejected answer instead of the chosen one: a reference
     # that is right only part of the time leaves DPO room to improve it.
-    rejected_share: float = 0.15
+    rejected_share: float = 0.5
     seed: int = 0
 
 

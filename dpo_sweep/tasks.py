@@ -4,12 +4,16 @@ answer is the correct one. Generated, so the default run needs no download.
 Every prompt reads `<Task>: <input>\nAnswer: `, and `solve` gives the correct answer from the
 prompt alone, so a generated answer can be judged (judges/builtin.py).
 
-Version 2 (`dataset.builtin_version`, the default) makes each rejected answer a systematic
-mistake, the same kind for every row of a task (the input copied unchanged, sorted the wrong way,
-two numbers written side by side instead of added): a model fine-tuned on a mix of chosen and
-rejected answers then produces either kind, and preference training has a clear choice to learn.
-Version 1, the first set, mixed such mistakes with random one-letter slips; runs saved with it
-still reproduce.
+Version 3 (`dataset.builtin_version`, the default) has easier inputs (one or two words, three
+distinct digits, two one-digit numbers) and one rejected answer for every row: the non-answer
+`not sure`. A model fine-tuned on a mix of chosen and rejected answers then answers some prompts
+and declines others, and preference training has a clear choice to learn that leaves the skill
+of answering alone. Version 2 made each rejected answer a systematic mistake (the input copied
+unchanged, sorted the wrong way, two numbers side by side): the mistake uses the same skill as
+the correct answer (a copied word against the reversed one), and on the tiny default model DPO's
+push against the rejected answer unlearned that skill, so no setting of a sweep improved what
+the policy generates. Version 1, the first set, mixed such mistakes with random one-letter
+slips. Runs saved with either still reproduce.
 """
 
 from __future__ import annotations
@@ -85,10 +89,38 @@ def _reverse_v2(rng: random.Random) -> Tuple[str, str, str]:
     return f"Reverse: {word}\nAnswer: ", word[::-1], word  # copied
 
 
-VERSIONS = {1: (_upper, _sort, _add, _reverse), 2: (_upper_v2, _sort_v2, _add_v2, _reverse_v2)}
+NON_ANSWER = "not sure"
 
 
-def builtin_rows(n: int, seed: int = 1234, version: int = 2) -> List[Dict[str, str]]:
+def _upper_v3(rng: random.Random) -> Tuple[str, str, str]:
+    text = " ".join(rng.sample(_WORDS, rng.randint(1, 2)))
+    return f"Uppercase: {text}\nAnswer: ", text.upper(), NON_ANSWER
+
+
+def _sort_v3(rng: random.Random) -> Tuple[str, str, str]:
+    digits = rng.sample(range(10), 3)
+    while digits == sorted(digits):
+        rng.shuffle(digits)
+    fmt = lambda xs: " ".join(map(str, xs))  # noqa: E731
+    return f"Sort: {fmt(digits)}\nAnswer: ", fmt(sorted(digits)), NON_ANSWER
+
+
+def _add_v3(rng: random.Random) -> Tuple[str, str, str]:
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    return f"Add: {a}+{b}\nAnswer: ", str(a + b), NON_ANSWER
+
+
+def _reverse_v3(rng: random.Random) -> Tuple[str, str, str]:
+    word = rng.choice(_WORDS)
+    return f"Reverse: {word}\nAnswer: ", word[::-1], NON_ANSWER
+
+
+VERSIONS = {1: (_upper, _sort, _add, _reverse), 2: (_upper_v2, _sort_v2, _add_v2, _reverse_v2),
+            3: (_upper_v3, _sort_v3, _add_v3, _reverse_v3)}
+LATEST = 3
+
+
+def builtin_rows(n: int, seed: int = 1234, version: int = LATEST) -> List[Dict[str, str]]:
     """`n` standard rows of four small tasks whose chosen answer is the correct one."""
     rng = random.Random(seed)  # fixed: the data set does not change with the run's seed
     tasks = VERSIONS[version]

@@ -1,5 +1,6 @@
 """Loading, normalising, tokenising and batching preference rows."""
 
+import hashlib
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import write_jsonl
 from dpo_sweep.config import DatasetConfig
 from dpo_sweep.data import (DataError, Pair, batch_indices, builtin_rows, collate, load_preference_data,
                             normalise, tokenise)
+from dpo_sweep.tasks import solve
 
 
 def ids(tokenizer, text):
@@ -126,15 +128,32 @@ def test_local_formats(tokenizer, tmp_path, ext):
     assert tokenizer.decode(data.eval[0].chosen_ids[:-1]) == rows[15]["chosen"]
 
 
-def test_builtin_set_is_fixed_and_correct():
-    rows = builtin_rows(200)
-    assert rows == builtin_rows(200)
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_builtin_set_is_fixed_and_correct(version):
+    rows = builtin_rows(200, version=version)
+    assert rows == builtin_rows(200, version=version)
+    assert {r["prompt"].split(":")[0] for r in rows} == {"Uppercase", "Sort", "Add", "Reverse"}
     for r in rows:
+        assert r["chosen"] == solve(r["prompt"]) != r["rejected"], r
         if r["prompt"].startswith("Add: "):
             a, b = r["prompt"][len("Add: "):].split("\n")[0].split("+")
-            assert int(r["chosen"]) == int(a) + int(b) != int(r["rejected"])
+            assert int(r["chosen"]) == int(a) + int(b)
         if r["prompt"].startswith("Sort: "):
-            assert r["chosen"] == " ".join(sorted(r["chosen"].split())) != r["rejected"]
+            assert r["chosen"] == " ".join(sorted(r["chosen"].split()))
+    if version == 3:  # one non-answer for every row
+        assert {r["rejected"] for r in rows} == {"not sure"}
+    if version == 2:  # a systematic mistake per task: the input copied, for uppercase and reverse
+        for r in rows:
+            if r["prompt"].startswith(("Uppercase", "Reverse")):
+                assert r["rejected"] == r["prompt"].split(": ", 1)[1].split("\n")[0]
+
+
+@pytest.mark.parametrize("version, digest", [(1, "6391d1dd7b495424"), (2, "2498ff8a99522133"),
+                                             (3, "ff32636b94333895")])
+def test_builtin_versions_stay_as_they_were(version, digest):
+    """A run saved with a version reproduces only if that version's rows never change."""
+    rows = json.dumps(builtin_rows(100, version=version)).encode()
+    assert hashlib.sha256(rows).hexdigest()[:16] == digest
 
 
 def test_collate_masks_only_responses(tokenizer):

@@ -95,7 +95,7 @@ def test_reward_model_judge_needs_a_model():
     ("eval.gen.prompts=0", "eval.gen.prompts"), ("eval.gen.max_new_tokens=0", "eval.gen.max_new_tokens"),
     ("eval.gen.temperature=-1", "eval.gen.temperature"), ("sft.steps=0", "sft.steps"), ("sft.lr=0", "sft.lr"),
     ("sft.rejected_share=1.5", "sft.rejected_share"), ("judge.name=oracle", "judge.name"),
-    ("dataset.builtin_version=3", "dataset.builtin_version"),
+    ("dataset.builtin_version=4", "dataset.builtin_version"),
 ])
 def test_bad_generation_judge_and_sft_settings_name_their_key(override, key):
     from dpo_sweep.config import validate

@@ -50,6 +50,6 @@ def test_a_second_trial_loads_the_cached_weights_and_a_new_setting_is_a_new_entr
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.equal(second.state_dict()["lm_head.weight"], make_tiny_llama(tokenizer).state_dict()["lm_head.weight"])
-    changed, _ = setup(tokenizer, "sft.rejected_share=0.5")
+    changed, _ = setup(tokenizer, "sft.rejected_share=0.25")
     assert apply_sft(make_tiny_llama(tokenizer), pairs, changed.sft, *args) is False
     assert len(list(tmp_path.iterdir())) == 2
