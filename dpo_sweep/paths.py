@@ -94,3 +94,20 @@ def multirun_file(sweep_dir: str) -> str:
 
 def results_file(sweep_dir: str) -> str:
     return os.path.join(sweep_dir, RESULTS_FILE)
+
+
+def shown(path: str, cwd: Optional[str] = None) -> str:
+    """`path` as a person reads it: relative to `cwd` (default: the working directory) when it
+    lies under it, so reports and messages hold no machine's absolute path; else unchanged. A
+    `sqlite:///` URI keeps its scheme."""
+    prefix = "sqlite:///"
+    if path.startswith(prefix):
+        return prefix + shown(path[len(prefix):], cwd)
+    if not os.path.isabs(path):
+        return path
+    base = os.path.abspath(cwd or os.getcwd())
+    try:
+        inside = os.path.commonpath([base, os.path.abspath(path)]) == base
+    except ValueError:  # another drive
+        return path
+    return os.path.relpath(path, base) if inside else path

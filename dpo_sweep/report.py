@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from dpo_sweep import names, report_plots, results
+from dpo_sweep import names, paths, report_plots, results
 from dpo_sweep.report_data import SweepReport, Trial, load_sweep
 from dpo_sweep.report_frontier import frontier_figure
 
@@ -69,7 +69,7 @@ def summary_lines(report: SweepReport) -> List[str]:
         f"- fixed overrides: `{tags.get(names.FIXED_OVERRIDES) or '(none)'}`",
         f"- wall time: {wall} (the sweep's parent run, start to end); the trials' runs: {total} in all",
         f"- MLflow: parent run `{report.parent.run_id}` ({report.parent.name}, {report.parent.status}) "
-        f"in `{report.uri}`",
+        f"in `{paths.shown(report.uri)}`",
     ]
 
 
@@ -83,6 +83,7 @@ def best_section(report: SweepReport) -> List[str]:
         setting = ", ".join(f"{k} = {results.fmt(t.param(k))}" for k in report.keys) or "the fixed overrides"
         evals = ", ".join(f"{m} = {results.fmt(t.run.metrics.get(m))}" for m in EVAL_COLUMNS)
         run_dir = t.run.tags.get(names.RUN_DIR)
+        run_dir = paths.shown(run_dir) if run_dir else None
         lines += [
             f"**Trial {t.number}**: {setting}; objective {report.objective_label} = {results.objective_cell(t)} ({evals}).",
             "",
@@ -118,16 +119,16 @@ def write_report(report: SweepReport, out_dir: str) -> Dict[str, str]:
     """results.md, curves.png, heatmap.png and (when the trials logged eval/gen/kl and
     eval/gen/reward) frontier.png in `out_dir`; return their paths."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {name: os.path.join(out_dir, name) for name in ("results.md", "curves.png", "heatmap.png")}
-    with open(paths["results.md"], "w") as f:
+    written = {name: os.path.join(out_dir, name) for name in ("results.md", "curves.png", "heatmap.png")}
+    with open(written["results.md"], "w") as f:
         f.write(results_markdown(report))
-    report_plots.save(report_plots.curves_figure(report), paths["curves.png"])
-    report_plots.save(report_plots.objective_figure(report), paths["heatmap.png"])
+    report_plots.save(report_plots.curves_figure(report), written["curves.png"])
+    report_plots.save(report_plots.objective_figure(report), written["heatmap.png"])
     frontier = frontier_figure(report)
     if frontier is not None:
-        paths["frontier.png"] = os.path.join(out_dir, "frontier.png")
-        report_plots.save(frontier, paths["frontier.png"])
-    return paths
+        written["frontier.png"] = os.path.join(out_dir, "frontier.png")
+        report_plots.save(frontier, written["frontier.png"])
+    return written
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -145,11 +146,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out_dir = args.out or (args.sweep if os.path.isdir(args.sweep) else "report")
-    paths = write_report(report, out_dir)
+    written = write_report(report, out_dir)
     print(f"sweep {report.study}: {report.objective_label}")
     print(results.markdown_table(*table_rows(report)))
     print("\n".join(best_section(report)))
-    print("written: " + ", ".join(paths.values()))
+    print("written: " + ", ".join(paths.shown(p) for p in written.values()))
     return 0
 
 

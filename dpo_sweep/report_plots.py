@@ -55,9 +55,12 @@ def save(fig, path: str) -> None:
 
 def curves_figure(report: SweepReport):
     """curves.png: train loss and train reward accuracy (running means) against step, and the
-    eval reward accuracy at each eval, one line per trial (dashed: pruned, dotted: failed)."""
+    objective at each eval (eval reward accuracy when the objective is no eval metric), one line
+    per trial (dashed: pruned, dotted: failed)."""
     plt = pyplot()
-    histories = {t.number: {k: tracking.metric_history(report.uri, t.run.run_id, k) for k in (*CURVES, EVAL_CURVE)}
+    objective = report.metrics[0] if report.metrics else ""
+    eval_key = objective if objective.startswith("eval/") else EVAL_CURVE
+    histories = {t.number: {k: tracking.metric_history(report.uri, t.run.run_id, k) for k in (*CURVES, eval_key)}
                  for t in report.trials}
     steps = max((len(h[CURVES[0]]) for h in histories.values()), default=0)
     window = max(1, round(steps / 15))  # ~15 windows over the run: batch-to-batch noise averaged out
@@ -70,12 +73,13 @@ def curves_figure(report: SweepReport):
             points = histories[t.number][key]
             if points:
                 ax.plot([s for s, _ in points], running_mean([v for _, v in points], window), **style)
-        evals = histories[t.number][EVAL_CURVE]
+        evals = histories[t.number][eval_key]
         axes[2].plot([s for s, _ in evals], [v for _, v in evals], marker="o", markersize=4,
                      label=trial_label(report, t), **style)
     smoothed = f" (running mean over {window} steps)" if window > 1 else ""
-    for ax, key, title in zip(axes, (*CURVES, EVAL_CURVE), ("train loss" + smoothed, "train reward accuracy" + smoothed,
-                                                            "eval reward accuracy, at each eval")):
+    eval_title = "the objective, at each eval" if eval_key == objective else "eval reward accuracy, at each eval"
+    for ax, key, title in zip(axes, (*CURVES, eval_key), ("train loss" + smoothed, "train reward accuracy" + smoothed,
+                                                          eval_title)):
         ax.set(xlabel="step", ylabel=key, title=title)
         ax.grid(alpha=0.3)
     fig.suptitle(f"sweep {report.study}: one line per trial, best first in the legend")

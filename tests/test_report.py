@@ -73,10 +73,10 @@ def grid(tmp_path_factory):
 
 
 def test_report_files_are_written_into_the_sweep_folder(grid):
-    _, folder, _, stdout = grid
+    tmp, folder, _, stdout = grid
     for name in ("results.md", "curves.png", "heatmap.png"):
         assert (folder / name).is_file(), name
-        assert str(folder / name) in stdout
+        assert f" {os.path.relpath(folder / name, tmp)}" in stdout  # relative to where the command ran
     check_png(folder / "curves.png")
     check_png(folder / "heatmap.png")
 
@@ -100,7 +100,7 @@ def test_table_has_every_trial_with_its_params_and_mlflow_values(grid):
 
 
 def test_best_trial_is_first_and_named_as_the_best_setting(grid):
-    _, folder, store, stdout = grid
+    tmp, folder, store, stdout = grid
     markdown = (folder / "results.md").read_text()
     rows = table(markdown)
     parent, children = mlflow_trials(store)
@@ -109,7 +109,7 @@ def test_best_trial_is_first_and_named_as_the_best_setting(grid):
     assert rows[0]["trial"] == parent.data.tags["best.trial_number"]
     best = markdown.split("## Best setting")[1]
     assert f"**Trial {rows[0]['trial']}**: beta = {rows[0]['beta']}, optimizer.lr = {rows[0]['optimizer.lr']}" in best
-    assert f"python -m dpo_sweep.reproduce {folder / rows[0]['trial']}" in best
+    assert f"python -m dpo_sweep.reproduce {os.path.relpath(folder / rows[0]['trial'], tmp)}" in best
     assert stdout.index(f"| {rows[0]['trial']} ") < stdout.index(f"| {rows[-1]['trial']} ")  # printed best first
 
 
@@ -143,7 +143,7 @@ def test_grid_plots_are_labelled(grid):
     assert ax.images, "a grid is drawn as a heat map"
     assert "eval/gen/reward" in colourbar.get_ylabel() and "beta x optimizer.lr" in ax.get_title()
     curves = report_plots.curves_figure(sweep_report)
-    assert [a.get_ylabel() for a in curves.axes] == ["train/loss", "train/rewards/accuracies", "eval/rewards/accuracies"]
+    assert [a.get_ylabel() for a in curves.axes] == ["train/loss", "train/rewards/accuracies", "eval/gen/reward"]
     assert all(a.get_xlabel() == "step" and a.get_title() for a in curves.axes)
     labels = [t.get_text() for t in curves.legends[0].get_texts()]
     assert labels[0].startswith(f"trial {sweep_report.best[0]}: beta=") and len(labels) == 4
@@ -211,3 +211,12 @@ def test_help_names_the_outputs():
     proc = run(["dpo_sweep.report", "--help"], REPO, timeout=60)
     assert proc.returncode == 0
     assert "--tracking-uri" in proc.stdout and "--out" in proc.stdout and "heatmap.png" in proc.stdout
+
+
+def test_paths_are_shown_relative_to_where_the_command_runs(tmp_path):
+    from dpo_sweep.paths import shown
+    assert shown(str(tmp_path / "sweeps" / "a" / "3"), str(tmp_path)) == os.path.join("sweeps", "a", "3")
+    assert shown(f"sqlite:///{tmp_path}/outputs/mlflow.db", str(tmp_path)) == "sqlite:///outputs/mlflow.db"
+    assert shown("/elsewhere/run", str(tmp_path)) == "/elsewhere/run"  # outside: unchanged
+    assert shown("outputs/runs/x", str(tmp_path)) == "outputs/runs/x"
+    assert shown("http://127.0.0.1:5000", str(tmp_path)) == "http://127.0.0.1:5000"
