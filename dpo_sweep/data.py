@@ -11,16 +11,20 @@ each response (to `max_length` in all).
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import json
 import logging
 import os
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
 from dpo_sweep.batching import ATTENTION_GROUPS, batch_indices, collate, collate_shared  # noqa: F401
-from dpo_sweep.pairs import DataError, Pair, PreferenceData
+from dpo_sweep.pairs import BadRow, DataCounts, DataError, Pair, PreferenceData
 from dpo_sweep.rows import normalise
 from dpo_sweep.tasks import builtin_rows
 
@@ -32,36 +36,102 @@ LOCAL_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 # ---------------------------------------------------------------------------- loading
 
 
-def read_local(path: str) -> List[Dict[str, Any]]:
-    """Rows of a local .jsonl/.json/.parquet/.csv file."""
+def read_local(path: str) -> List[Any]:
+    """Rows of a local .jsonl/.json/.parquet/.csv file, read afresh on every call: nothing is
+    cached, so a file edited since the last run is never served stale. A row holding bytes that
+    are not UTF-8 comes back as a `BadRow` naming its field (checking it raises, or skips it)."""
     if not os.path.isfile(path):
         raise DataError(f"data file '{path}' does not exist (from config key dataset.path)")
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
-        return rows
-    if ext == ".json":
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-        return data
-    if ext in (".parquet", ".csv"):
-        import datasets
+    if ext not in LOCAL_FORMATS:
+        raise DataError(f"{path}: unsupported file type '{ext}'; expected one of {', '.join(LOCAL_FORMATS)}")
+    if ext == ".parquet":
+        import pyarrow
+        import pyarrow.parquet
 
-        return datasets.load_dataset(ext[1:], data_files=path, split="train").to_list()
-    raise DataError(f"{path}: unsupported file type '{ext}'; expected one of {', '.join(LOCAL_FORMATS)}")
+        try:
+            return pyarrow.parquet.read_table(path).to_pylist()
+        except pyarrow.ArrowException as e:
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    with open(path, "rb") as f:
+        text, has_bad_bytes = _decode(f.read(), path)
+    rows = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}[ext](text, path)
+    return [_mark_bad_bytes(row) for row in rows] if has_bad_bytes else rows
+
+
+# Bytes that are not UTF-8, as the "surrogateescape" error handler keeps them: byte b is U+DC00 + b.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _decode(raw: bytes, path: str) -> Tuple[str, bool]:
+    """The text of a UTF-8 file (a leading BOM dropped) and whether some of its bytes were not
+    UTF-8; those are kept as escapes so that the rows holding them can be named. A file with a
+    UTF-16/32 BOM or NUL bytes is not UTF-8 text at all: one error for the whole file."""
+    at = 0 if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else raw.find(b"\x00")
+    if at >= 0:
+        line = raw.count(b"\n", 0, at) + 1
+        raise DataError(f"{path}: byte {raw[at]:#04x} at offset {at} (line {line}) is not UTF-8 text "
+                        "(UTF-16 or binary?); expected a UTF-8 file")
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "surrogateescape"), True
+
+
+def _mark_bad_bytes(row: Any) -> Any:
+    """`row`, or a BadRow naming its first field that holds bytes that are not UTF-8."""
+    if not isinstance(row, dict):
+        return row
+    for key, value in row.items():
+        found = _ESCAPED_BYTE.search(str(key)) or _ESCAPED_BYTE.search(json.dumps(value, ensure_ascii=False))
+        if found:
+            return BadRow(f"field {str(key)!r}: byte {ord(found.group()) - 0xDC00:#04x} is not UTF-8 "
+                          "(a latin-1 file?); expected UTF-8 text")
+    return row
+
+
+def _jsonl_rows(text: str, path: str) -> List[Any]:
+    rows = []
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
+    return rows
+
+
+def _json_rows(text: str, path: str) -> List[Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+    return data
+
+
+def _csv_rows(text: str, path: str) -> List[Any]:
+    """Rows of a CSV file under its header line. Every cell is text, as a spreadsheet shows it
+    (42 is "42"); an empty cell is a missing value."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        lines = [cells for cells in reader if cells]  # blank lines are no rows
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: invalid CSV ({e})") from None
+    if not lines:
+        return []
+    header, rows = lines[0], []
+    for cells in lines[1:]:
+        if len(cells) != len(header):
+            rows.append(BadRow(f"{len(cells)} cells; expected {len(header)}, one for each header column "
+                               f"({', '.join(header)})"))
+        else:
+            rows.append({key: cell if cell != "" else None for key, cell in zip(header, cells)})
+    return rows
 
 
 Rows = List[Dict[str, Any]]
@@ -148,6 +218,9 @@ def tokenise(
             raise DataError(f"{where}: field '{key}': the response is empty after truncation "
                             f"(prompt has {len(prompt_ids)} tokens, train.max_length = {max_length})")
         responses.append(tuple(ids))
+    if responses[0] == responses[1] and responses[0][-1] == tokenizer.eos_token_id:  # same, and not cut
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' are the same tokens (the tokenizer does "
+                        "not tell their differing characters apart); expected different responses")
     return Pair(tuple(prompt_ids), responses[0], responses[1], row)
 
 
@@ -159,24 +232,39 @@ def prepare(
     max_prompt_length: int,
     on_bad_row: str,
     first_row: int = 0,
-) -> Tuple[List[Pair], int]:
-    """Normalise and tokenise rows; return the pairs and how many rows were skipped."""
+) -> Tuple[List[Pair], DataCounts]:
+    """Normalise and tokenise rows; return the pairs kept and the counts of what was left out or
+    cut: bad rows skipped, pairs whose responses truncation cut to the same tokens (they carry no
+    preference, so they are dropped), and responses that lost their EOS to truncation."""
     pairs: List[Pair] = []
-    skipped = 0
+    counts = DataCounts()
     for i, row in enumerate(rows):
         index = first_row + i
         where = f"{source}: row {index + 1}"  # 1-based: row N is line N of a .jsonl file
         try:
             texts = normalise(row, tokenizer, where)
-            pairs.append(tokenise(*texts, tokenizer, max_length, max_prompt_length, where, index))
+            pair = tokenise(*texts, tokenizer, max_length, max_prompt_length, where, index)
         except DataError as e:
             if on_bad_row == "error":
                 raise
-            skipped += 1
+            counts.skipped += 1
             log.warning("skipping %s", e)
+            continue
+        if pair.chosen_ids == pair.rejected_ids:
+            counts.dropped_identical += 1
+            log.debug("dropping %s: chosen and rejected are identical after truncation", where)
+            continue
+        pairs.append(pair)
+        counts.lost_eos += sum(ids[-1] != tokenizer.eos_token_id for ids in (pair.chosen_ids, pair.rejected_ids))
+    counts.kept = len(pairs)
     if not pairs:
-        raise DataError(f"{source}: no usable rows ({skipped} skipped)")
-    return pairs, skipped
+        raise DataError(f"{source}: no usable rows ({counts.skipped} skipped, {counts.dropped_identical} with "
+                        f"chosen and rejected identical after truncation to train.max_length = {max_length})")
+    return pairs, counts
+
+
+# Above this share of pairs dropped as identical, truncation is set too tight for the data.
+IDENTICAL_WARN_SHARE = 0.10
 
 
 def load_preference_data(
@@ -184,10 +272,15 @@ def load_preference_data(
 ) -> PreferenceData:
     train_rows, eval_rows, train_src, eval_src, eval_offset = load_rows(cfg)
     lengths = (tokenizer, max_length, max_prompt_length, cfg.on_bad_row)
-    train, skipped_train = prepare(train_rows, train_src, *lengths)
-    eval_, skipped_eval = prepare(eval_rows, eval_src, *lengths, first_row=eval_offset)
-    if skipped_train + skipped_eval:
-        log.warning("skipped %d train and %d eval rows (dataset.on_bad_row=skip)", skipped_train, skipped_eval)
-    return PreferenceData(train, eval_, skipped_train + skipped_eval)
-
-
+    train, tc = prepare(train_rows, train_src, *lengths)
+    eval_, ec = prepare(eval_rows, eval_src, *lengths, first_row=eval_offset)
+    if tc.skipped + ec.skipped:
+        log.warning("skipped %d train and %d eval rows (dataset.on_bad_row=skip)", tc.skipped, ec.skipped)
+    dropped = tc.dropped_identical + ec.dropped_identical
+    tokenised = tc.kept + ec.kept + dropped  # the pairs that were tokenised and cut
+    if dropped > IDENTICAL_WARN_SHARE * tokenised:
+        log.warning("dropped %d of %d pairs (%.0f%%): chosen and rejected are identical after truncation to "
+                    "train.max_length = %d tokens (prompts keep up to train.max_prompt_length = %d); raise "
+                    "train.max_length or lower train.max_prompt_length", dropped, tokenised,
+                    100 * dropped / tokenised, max_length, max_prompt_length)
+    return PreferenceData(train, eval_, tc.skipped + ec.skipped, dropped, tc.lost_eos + ec.lost_eos)

@@ -9,21 +9,37 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, List, Sequence, Tuple
 
 from transformers import PreTrainedTokenizerBase
 
-from dpo_sweep.pairs import DataError
+from dpo_sweep.pairs import BadRow, DataError
+
+# Half of a surrogate pair on its own: a JSON escape can spell one (\ud800), but it is no
+# character and no tokenizer can encode it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _is_messages(value: Any) -> bool:
     return isinstance(value, list)
 
 
+def _check_text(text: str, where: str) -> None:
+    found = _LONE_SURROGATE.search(text)
+    if found:
+        raise DataError(f"{where}: a lone surrogate {found.group()!r} at character {found.start()} "
+                        "(half of a UTF-16 pair); expected valid Unicode text")
+
+
 def _check_messages(value: List[Any], where: str) -> None:
+    if not value:
+        raise DataError(f"{where}: an empty message list; expected at least one {{'role': str, 'content': str}}")
     for k, m in enumerate(value):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise DataError(f"{where}: message {k}: expected {{'role': str, 'content': str}}, got {m!r:.80}")
+        _check_text(m["role"], f"{where}: message {k}: role")
+        _check_text(m["content"], f"{where}: message {k}: content")
 
 
 def _common_prefix_len(a: Sequence[Any], b: Sequence[Any]) -> int:
@@ -48,7 +64,10 @@ def normalise(row: Dict[str, Any], tokenizer: PreTrainedTokenizerBase, where: st
 
 
 def _check_fields(row: Any, where: str) -> None:
-    """The row is an object whose fields have the types of one of the formats."""
+    """The row is an object whose fields have the types of one of the formats, and its text is
+    valid Unicode."""
+    if isinstance(row, BadRow):
+        raise DataError(f"{where}: {row.problem}")
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with fields prompt, chosen, rejected; got {row!r:.80}")
     for key in ("chosen", "rejected"):
@@ -65,6 +84,9 @@ def _check_fields(row: Any, where: str) -> None:
         raise DataError(f"{where}: field 'system': expected a string, got {type(system).__name__}")
     if _is_messages(row["chosen"]) != _is_messages(row["rejected"]):
         raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both message lists")
+    for key in ("prompt", "chosen", "rejected", "system"):
+        if isinstance(row.get(key), str):
+            _check_text(row[key], f"{where}: field '{key}'")
 
 
 def _normalise_messages(prompt, chosen, rejected, system, tokenizer, where: str) -> Tuple[str, str, str, bool]:
@@ -80,6 +102,9 @@ def _normalise_messages(prompt, chosen, rejected, system, tokenizer, where: str)
         _check_messages(prompt, f"{where}: field 'prompt'")
     if system:
         prompt = [{"role": "system", "content": system}] + list(prompt)
+    if not prompt:
+        raise DataError(f"{where}: field 'prompt': missing, and 'chosen' and 'rejected' share no leading "
+                        "message to take as the prompt; expected a prompt")
     for key, msgs in (("chosen", chosen), ("rejected", rejected)):
         if not msgs or not any(m["content"].strip() for m in msgs):
             raise DataError(f"{where}: field '{key}': the response is empty")

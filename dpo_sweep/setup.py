@@ -44,8 +44,12 @@ def prepare_run(cfg: DictConfig, tracker=None, device: Optional[torch.device] = 
     precision = precision_for(device, cfg.train.precision)
     tokenizer = models.load_tokenizer(cfg.model)
     data = load_preference_data(cfg.dataset, tokenizer, cfg.train.max_length, cfg.train.max_prompt_length)
-    log.info("data: %d train pairs, %d eval pairs, %d rows skipped", len(data.train), len(data.eval), data.skipped)
+    log.info("data: %d train pairs, %d eval pairs, %d rows skipped, %d pairs dropped (chosen and rejected "
+             "identical after truncation), %d responses lost their EOS to truncation (train.max_length = %d)",
+             len(data.train), len(data.eval), data.skipped, data.dropped_identical, data.lost_eos,
+             cfg.train.max_length)
     if tracker:
         tracker.log_metrics({"data/train_pairs": len(data.train), "data/eval_pairs": len(data.eval),
-                             "data/skipped_rows": data.skipped}, step=0)
+                             "data/skipped_rows": data.skipped, "data/dropped_identical": data.dropped_identical,
+                             "data/lost_eos": data.lost_eos}, step=0)
     return RunSetup(device, precision, reference.autocast_for(device, precision), tokenizer, data)
