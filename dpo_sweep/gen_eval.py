@@ -29,6 +29,7 @@ from typing import Callable, ContextManager, Dict, List, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dpo_sweep import cache_files
 from dpo_sweep.batching import collate
 from dpo_sweep.generation import generate
 from dpo_sweep.judges import Judge
@@ -121,9 +122,8 @@ class GenEvaluator:
 
     def _reference_samples(self, cache_dir: Optional[str]) -> Samples:
         path = os.path.join(cache_dir, f"refsamples-{self._cache_key()}.json") if cache_dir else None
-        if path and os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
+        saved = cache_files.load_json(path, "reference sample") if path else None
+        if isinstance(saved, dict) and {"answers", "ref_logps"} <= set(saved):
             log.info("reference samples from cache %s", path)
             answers, ref_logps = saved["answers"], saved["ref_logps"]
         else:
@@ -131,11 +131,7 @@ class GenEvaluator:
                 answers = self._sample(self.reference_model)
                 ref_logps = self._logps(self.reference_model, answers)
             if path:
-                os.makedirs(cache_dir, exist_ok=True)
-                tmp = f"{path}.{os.getpid()}.tmp"
-                with open(tmp, "w") as f:
-                    json.dump({"answers": answers, "ref_logps": ref_logps}, f)
-                os.replace(tmp, path)  # atomic: parallel trials never read a half-written file
+                cache_files.save_json(path, {"answers": answers, "ref_logps": ref_logps})
                 log.info("reference samples cached at %s", path)
         texts = self._texts(answers)
         return Samples(answers, texts, self.judge.score(self.prompt_texts, texts), ref_logps)

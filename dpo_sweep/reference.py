@@ -16,7 +16,7 @@ from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tup
 import torch
 from transformers import PreTrainedModel
 
-from dpo_sweep import distributed
+from dpo_sweep import cache_files, distributed
 from dpo_sweep.batching import batch_indices, collate, collate_shared
 from dpo_sweep.pairs import Pair
 from dpo_sweep.logprobs import batch_logps, shares_prompt
@@ -136,20 +136,18 @@ def precomputed(
     path = None
     settings += f";shared_prompt={shares_prompt(model)}"  # the layouts agree to ~1e-6, not bit for bit
     if cache_dir:
-        path = os.path.join(cache_dir, f"reflogps-{fingerprint(model, splits, settings)}.pt")
-        if os.path.exists(path):
+        path = os.path.join(cache_dir, f"reflogps-{fingerprint(model, splits, settings)}.safetensors")
+        tables = cache_files.load_tensors(path, "reference log-prob")
+        if tables is not None and set(tables) == set(splits):
             log.info("reference log-probs from cache %s", path)
-            return PrecomputedReference(torch.load(path)), True
+            return PrecomputedReference(tables), True
     was_training = model.training
     model.eval()
     tables = compute_tables(model, splits, pad_id, batch_size, device, autocast)
     distributed.reshard(model)
     model.train(was_training)
     if path and write:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save(tables, tmp)
-        os.replace(tmp, path)  # atomic: parallel trials never read a half-written file
+        cache_files.save_tensors(path, tables)
         log.info("reference log-probs cached at %s", path)
     return PrecomputedReference(tables), False
 

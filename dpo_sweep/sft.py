@@ -19,7 +19,7 @@ from typing import Callable, ContextManager, List, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_sweep import distributed, paths
+from dpo_sweep import cache_files, distributed, paths
 from dpo_sweep.batching import collate
 from dpo_sweep.config import sft_enabled
 from dpo_sweep.logprobs import sequence_logps
@@ -81,12 +81,11 @@ def apply_sft(model, pairs: Sequence[Pair], s: DictConfig, pad_id: int, device: 
               autocast: Callable[[], ContextManager], cache_dir: Optional[str], settings: str = "") -> bool:
     """Give `model` (on any device, moved to `device` for training) its SFT weights: from the
     cache, or trained here and cached. Returns whether the cache was hit."""
-    from safetensors.torch import load_file, save_file
-
     path = os.path.join(cache_dir, f"sft-{cache_key(model, pairs, s, settings)}.safetensors") if cache_dir else None
     home = next(model.parameters()).device
-    if path and os.path.exists(path):
-        model.load_state_dict(load_file(path, device=str(home)))
+    state = cache_files.load_tensors(path, "SFT weight", device=str(home)) if path else None
+    if state is not None:
+        model.load_state_dict(state)
         log.info("SFT weights from cache %s", path)
         return True
     model.to(device)
@@ -94,23 +93,9 @@ def apply_sft(model, pairs: Sequence[Pair], s: DictConfig, pad_id: int, device: 
     model.to(home)
     log.info("SFT: %d steps, final loss %.4f", s.steps, loss)
     if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(_untied(state), tmp)
-        os.replace(tmp, path)  # atomic: parallel trials never read a half-written file
+        cache_files.save_tensors(path, model.state_dict())
         log.info("SFT weights cached at %s", path)
     return False
-
-
-def _untied(state):
-    """safetensors refuses tensors sharing memory (tied embeddings): give each its own copy."""
-    seen, out = set(), {}
-    for k, v in state.items():
-        ptr = v.data_ptr()
-        out[k] = v.clone() if ptr in seen else v
-        seen.add(ptr)
-    return out
 
 
 def sft_stage(cfg: DictConfig, run, cwd: Optional[str]):

@@ -2,6 +2,7 @@
 weights give the same samples and exactly zero KL."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -93,21 +94,21 @@ def test_kl_is_zero_and_the_policy_ties_when_it_is_the_reference(tokenizer, tmp_
     assert len(evaluator.last_rows) == 12 and 1 <= metrics["eval/gen/length"] <= 10
 
 
-def test_reference_samples_are_cached_and_reused(tokenizer, tmp_path):
+def test_reference_samples_are_cached_and_reused(tokenizer, tmp_path, caplog):
     cfg = compose(["dataset.builtin_size=60", "dataset.eval_size=20", "eval.gen.prompts=6",
                    "eval.gen.max_new_tokens=6"])
     data = load_preference_data(cfg.dataset, tokenizer, 128, 64)
     reference = models.make_reference(make_tiny_llama(tokenizer))
     autocast = autocast_for(torch.device("cpu"), "fp32")
     first = GenEvaluator(cfg.eval.gen, BuiltinJudge(), tokenizer, data.eval, reference, autocast, 4, str(tmp_path))
-    files = list(tmp_path.iterdir())
-    assert len(files) == 1 and files[0].name.startswith("refsamples-")
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 2 and files[0].name.startswith("refsamples-") and files[1].name == files[0].name + ".sha256"
     saved = json.loads(files[0].read_text())
-    saved["ref_logps"][0] = -1234.5  # a cached entry is read, not recomputed
-    files[0].write_text(json.dumps(saved))
-    again = GenEvaluator(cfg.eval.gen, BuiltinJudge(), tokenizer, data.eval, reference, autocast, 4, str(tmp_path))
-    assert again.reference.answers == first.reference.answers
-    assert again.reference.ref_logps[0] == -1234.5  # read from the file
+    with caplog.at_level(logging.INFO):
+        again = GenEvaluator(cfg.eval.gen, BuiltinJudge(), tokenizer, data.eval, reference, autocast, 4, str(tmp_path))
+    assert f"reference samples from cache {files[0]}" in caplog.text  # read, not drawn again
+    assert again.reference.answers == first.reference.answers == saved["answers"]
+    assert again.reference.ref_logps == first.reference.ref_logps
     cfg.eval.gen.seed = 1  # another generation setting: another entry
     GenEvaluator(cfg.eval.gen, BuiltinJudge(), tokenizer, data.eval, reference, autocast, 4, str(tmp_path))
     assert len(list(tmp_path.iterdir())) == 2

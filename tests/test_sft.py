@@ -44,7 +44,9 @@ def test_a_second_trial_loads_the_cached_weights_and_a_new_setting_is_a_new_entr
     args = (tokenizer.pad_token_id, CPU, autocast_for(CPU, "fp32"), str(tmp_path))
     first = make_tiny_llama(tokenizer)
     assert apply_sft(first, pairs, cfg.sft, *args) is False  # trained, then cached
-    assert [f.name.startswith("sft-") and f.name.endswith(".safetensors") for f in tmp_path.iterdir()] == [True]
+    files = sorted(f.name for f in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].startswith("sft-") and files[0].endswith(".safetensors")
+    assert files[1] == files[0] + ".sha256"  # its checksum
     second = make_tiny_llama(tokenizer)  # another trial: the same starting weights
     assert apply_sft(second, pairs, cfg.sft, *args) is True  # loaded
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
@@ -52,4 +54,4 @@ def test_a_second_trial_loads_the_cached_weights_and_a_new_setting_is_a_new_entr
     assert not torch.equal(second.state_dict()["lm_head.weight"], make_tiny_llama(tokenizer).state_dict()["lm_head.weight"])
     changed, _ = setup(tokenizer, "sft.rejected_share=0.25")
     assert apply_sft(make_tiny_llama(tokenizer), pairs, changed.sft, *args) is False
-    assert len(list(tmp_path.iterdir())) == 2
+    assert len(list(tmp_path.glob("sft-*.safetensors"))) == 2
