@@ -111,4 +111,4 @@ def test_reference_samples_are_cached_and_reused(tokenizer, tmp_path, caplog):
     assert again.reference.ref_logps == first.reference.ref_logps
     cfg.eval.gen.seed = 1  # another generation setting: another entry
     GenEvaluator(cfg.eval.gen, BuiltinJudge(), tokenizer, data.eval, reference, autocast, 4, str(tmp_path))
-    assert len(list(tmp_path.iterdir())) == 2
+    assert len(list(tmp_path.glob("refsamples-*.json"))) == 2
