@@ -135,28 +135,33 @@ def metric_label(report: SweepReport) -> str:
 
 def draw_heatmap(fig, ax, report: SweepReport, x: str, y: str, others: Sequence[str]) -> None:
     """One cell per (y, x) value: the best final objective there (over the other keys' values),
-    or the state of the trial when none completed."""
+    with the trials there that did not complete counted under it (`+1 fail`), or their state
+    when none completed."""
     import numpy as np
 
     xs, _ = axis_values([t.param(x) for t in report.trials])
     ys, _ = axis_values([t.param(y) for t in report.trials])
     better = max if report.directions[0] == "maximize" else min
     grid = np.full((len(ys), len(xs)), np.nan)
-    notes: Dict[Tuple[int, int], str] = {}
+    notes: Dict[Tuple[int, int], List[str]] = {}
     for t in report.trials:
         i, j = ys.index(t.param(y)), xs.index(t.param(x))
         if t.values is not None:
             grid[i, j] = t.values[0] if np.isnan(grid[i, j]) else better(grid[i, j], t.values[0])
         else:
-            notes.setdefault((i, j), t.state.split()[0].lower())
+            notes.setdefault((i, j), []).append(t.state.split()[0].lower())
     image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
     fig.colorbar(image, ax=ax, label=metric_label(report))
     finite = grid[~np.isnan(grid)]
     middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
     for i in range(len(ys)):
         for j in range(len(xs)):
-            value = grid[i, j]
-            text = notes.get((i, j), "-") if np.isnan(value) else fmt(value)
+            value, others = grid[i, j], notes.get((i, j), [])
+            counted = ", ".join(f"+{others.count(s)} {s}" for s in dict.fromkeys(others))
+            if np.isnan(value):
+                text = "/".join(dict.fromkeys(others)) or "-"
+            else:
+                text = fmt(value) + (f"\n({counted})" if counted else "")
             colour = "black" if not np.isnan(value) and value > middle else "white"
             ax.text(j, i, text, ha="center", va="center", color=colour if not np.isnan(value) else "grey")
     for t in report.trials:

@@ -220,3 +220,25 @@ def test_paths_are_shown_relative_to_where_the_command_runs(tmp_path):
     assert shown("/elsewhere/run", str(tmp_path)) == "/elsewhere/run"  # outside: unchanged
     assert shown("outputs/runs/x", str(tmp_path)) == "outputs/runs/x"
     assert shown("http://127.0.0.1:5000", str(tmp_path)) == "http://127.0.0.1:5000"
+
+
+def test_a_heatmap_cell_shows_its_best_value_with_its_failures_beside_it():
+    """A cell where one trial completed and another at the same point failed (a sampled sweep can
+    ask a point twice) shows the completed value, with the failure counted under it."""
+    from dpo_sweep.report_data import SweepReport, Trial
+    from dpo_sweep.tracking import RunSummary
+
+    def trial(number, beta, lr, state, value=None):
+        run = RunSummary(f"r{number}", f"t{number}", "FINISHED", {}, {"beta": beta, "optimizer.lr": lr}, {})
+        return Trial(number, state, {"beta": beta, "optimizer.lr": lr}, None if value is None else [value], run=run)
+
+    trials = [trial(0, "0.1", "0.001", "COMPLETE", 0.61), trial(1, "0.1", "0.001", "FAIL"),
+              trial(2, "0.5", "0.001", "COMPLETE", 0.4), trial(3, "0.1", "0.01", "FAIL"),
+              trial(4, "0.5", "0.01", "COMPLETE", 0.3)]
+    parent = RunSummary("p", "sweep-x", "FINISHED", {"sweep.study_name": "x"}, {}, {})
+    sweep = SweepReport("sqlite:///x.db", parent, ["eval/gen/reward"], ["maximize"], ["beta", "optimizer.lr"],
+                        trials, [0])
+    fig = report_plots.objective_figure(sweep)
+    texts = {t.get_text() for t in fig.axes[0].texts}
+    assert "0.61\n(+1 fail)" in texts  # the best value, not a failure mark over it
+    assert "fail" in texts and "0.4" in texts and "0.3" in texts

@@ -109,7 +109,8 @@ def test_grid_logs_one_parent_and_a_child_per_trial(grid_sweep, store):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"search_space.yaml", "optimization_results.yaml", "multirun.yaml", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/optimization_history.png", "plots/param_importances.png"} <= plots
+    assert "plots/optimization_history.png" in plots
+    assert "plots/param_importances.png" not in plots  # two trials: importances would be noise
 
 
 def test_grid_writes_results_and_prints_a_table_best_first(grid_sweep):

@@ -18,6 +18,8 @@ from dpo_sweep.sweep.state import Sweep
 from dpo_sweep.sweep.study import is_finished
 
 log = logging.getLogger(__name__)
+# Parameter importances (a fANOVA fit on the trials) from fewer complete trials than this are noise.
+MIN_IMPORTANCE_TRIALS = 10
 
 
 def finish(sw: Sweep, status: str) -> None:
@@ -147,9 +149,14 @@ def save_plots(sw: Sweep, folder: str) -> List[str]:
     wanted = {
         "optimization_history.png": lambda: plots.plot_optimization_history(
             sw.study, target=target, target_name=sw.metrics[0]),
-        "param_importances.png": lambda: plots.plot_param_importances(
-            sw.study, target=target, target_name=sw.metrics[0]),
     }
+    complete = len(sw.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if complete >= MIN_IMPORTANCE_TRIALS:
+        wanted["param_importances.png"] = lambda: plots.plot_param_importances(
+            sw.study, target=target, target_name=sw.metrics[0])
+    else:
+        log.info("param_importances.png not drawn: %d complete trials; importances from fewer than %d say nothing",
+                 complete, MIN_IMPORTANCE_TRIALS)
     if "beta" in keys and "optimizer.lr" in keys:
         wanted["contour_beta_lr.png"] = lambda: plots.plot_contour(
             sw.study, params=["beta", "optimizer.lr"], target=target, target_name=sw.metrics[0])
