@@ -8,7 +8,8 @@ SFT stage, objective metric) are resolved here.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Tuple
+import math
+from typing import Any, Callable, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -42,6 +43,18 @@ CHOICES = {
 }
 
 
+# The metrics a run returns at its end (`Trainer.fit`, and the TRL backend under the same names):
+# the per-pair metrics of losses.reward_metrics and the loss, prefixed train/ and eval/; the
+# optimizer's state at the last step; the generation eval's (gen_eval.py) when it runs, its
+# reward metrics only when a judge gives rewards.
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected")
+STEP_METRICS = ("train/grad_norm", "train/lr", "train/epoch")
+GEN_METRICS = ("eval/gen/kl", "eval/gen/length")
+JUDGED_METRICS = ("eval/gen/reward", "eval/gen/win_rate", "eval/gen/ref_reward")
+NO_LABEL_SMOOTHING = ("ipo", "hinge")  # losses with no label_smoothing term (losses.py)
+
+
 def _get(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, throw_on_missing=True)
 
@@ -60,19 +73,28 @@ def validate(cfg: DictConfig) -> None:
     _check_dataset(cfg.dataset, need)
     _check_model(cfg.model, need)
     _check_eval_and_sft(cfg, need)
-    objective_spec(cfg)
+    _check_objective_metrics(cfg)
 
 
 Need = Callable[[bool, str, str], None]  # (holds, key, what was expected)
 
 
+def finite(value: Any) -> bool:
+    """A real number other than inf, -inf and nan (every range check below starts with this)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_loss_and_optimizer(cfg: DictConfig, need: Need) -> None:
-    need(cfg.beta > 0, "beta", "a number > 0")
-    need(0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing", "0 <= value < 0.5")
+    need(finite(cfg.beta) and cfg.beta > 0, "beta", "a finite number > 0")
+    smoothing = cfg.loss.label_smoothing
+    need(0 <= smoothing < 0.5, "loss.label_smoothing", "0 <= value < 0.5")
+    need(smoothing == 0 or cfg.loss.name not in NO_LABEL_SMOOTHING, "loss.label_smoothing",
+         f"0 with loss.name={cfg.loss.name} (the {' and '.join(NO_LABEL_SMOOTHING)} losses have no label smoothing; "
+         "loss=cdpo or loss=robust use it)")
     o = cfg.optimizer
-    need(o.lr >= 0, "optimizer.lr", "a number >= 0")
-    need(o.weight_decay >= 0, "optimizer.weight_decay", "a number >= 0")
-    need(o.eps > 0, "optimizer.eps", "a number > 0")
+    need(finite(o.lr) and o.lr > 0, "optimizer.lr", "a finite number > 0")
+    need(finite(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", "a finite number >= 0")
+    need(finite(o.eps) and o.eps > 0, "optimizer.eps", "a finite number > 0")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", "two numbers in [0, 1)")
 
 
@@ -84,8 +106,12 @@ def _check_train(cfg: DictConfig, need: Need) -> None:
     need(t.max_length >= 2, "train.max_length", "an integer >= 2")
     need(1 <= t.max_prompt_length < t.max_length, "train.max_prompt_length",
          f"1 <= value < train.max_length ({t.max_length})")
+    need(finite(t.max_grad_norm), "train.max_grad_norm", "a finite number (<= 0: no clipping)")
     need(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0")
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "0 <= value < 1")
+    steps = max_total_steps(cfg)
+    need(steps is None or t.warmup_steps <= steps, "train.warmup_steps",
+         f"at most the run's optimizer steps ({steps}: train.max_steps, or train.epochs times the steps of an epoch)")
     need(t.eval_every >= 0, "train.eval_every", "an integer >= 0 (0: only at the end)")
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0 (0: no checkpoints)")
     if t.fsdp:
@@ -94,18 +120,39 @@ def _check_train(cfg: DictConfig, need: Need) -> None:
         need(not cfg.model.lora.enabled, "model.lora.enabled", "false with train.fsdp=true")
 
 
+def max_total_steps(cfg: DictConfig) -> Optional[int]:
+    """The run's optimizer steps as far as the config tells them before any data loads: exactly
+    `train.max_steps` when set; else an upper bound from the train pairs the data can give (the
+    built-in set's size less its eval rows, or `dataset.max_train_samples`; rows dropped later
+    only lower it), as `steps.steps_per_epoch` counts them; None when only the data can tell."""
+    t, d = cfg.train, cfg.dataset
+    if t.max_steps > 0:
+        return t.max_steps
+    bounds = [d.max_train_samples] if d.max_train_samples else []
+    if uses_builtin_data(cfg) and finite(d.eval_size) and d.eval_size >= 0:
+        n_eval = 0 if d.eval_path else int(d.eval_size if d.eval_size >= 1 else round(d.eval_size * d.builtin_size))
+        bounds.append(max(0, d.builtin_size - n_eval))
+    if not bounds or t.batch_size < 1 or t.grad_accum < 1:
+        return None
+    micro_batches = -(-min(bounds) // t.batch_size)  # a last short batch counts
+    return t.epochs * max(1, micro_batches // t.grad_accum)
+
+
 def _check_dataset(d: DictConfig, need: Need) -> None:
-    need(d.eval_size >= 0, "dataset.eval_size", "a number >= 0 (fraction if < 1, else rows)")
+    need(finite(d.eval_size) and d.eval_size >= 0, "dataset.eval_size", "a number >= 0 (fraction if < 1, else rows)")
     need(d.builtin_size >= 10, "dataset.builtin_size", "an integer >= 10")
     for key in ("max_train_samples", "max_eval_samples"):
         need(d[key] is None or d[key] >= 1, f"dataset.{key}", "null or an integer >= 1")
+    if d.name == "builtin" and not d.path and not d.eval_path and d.eval_size >= 1:
+        need(d.eval_size < d.builtin_size, "dataset.eval_size",
+             f"fewer eval rows than the built-in set's dataset.builtin_size ({d.builtin_size})")
 
 
 def _check_eval_and_sft(cfg: DictConfig, need: Need) -> None:
     g = cfg.eval.gen
     for key in ("prompts", "samples", "max_new_tokens", "batch_size"):
         need(g[key] >= 1, f"eval.gen.{key}", "an integer >= 1")
-    need(g.temperature >= 0, "eval.gen.temperature", "a number >= 0 (0: greedy)")
+    need(finite(g.temperature) and g.temperature >= 0, "eval.gen.temperature", "a number >= 0 (0: greedy)")
     if g.enabled and cfg.judge.name == "reward_model":
         need(bool(cfg.judge.name_or_path), "judge.name_or_path", "a reward model (hub name or local folder)")
     rewarded = generates(cfg) and judge_name(cfg) != "none"
@@ -120,8 +167,29 @@ def _check_eval_and_sft(cfg: DictConfig, need: Need) -> None:
     s = cfg.sft
     need(s.steps >= 1, "sft.steps", "an integer >= 1")
     need(s.batch_size >= 1, "sft.batch_size", "an integer >= 1")
-    need(s.lr > 0, "sft.lr", "a number > 0")
+    need(finite(s.lr) and s.lr > 0, "sft.lr", "a finite number > 0")
     need(0 <= s.rejected_share <= 1, "sft.rejected_share", "0 <= value <= 1")
+
+
+def run_metrics(cfg: DictConfig) -> List[str]:
+    """The final metrics this run returns, sorted: what `objective.metric` can name."""
+    names = [f"{split}/{m}" for split in ("train", "eval") for m in PAIR_METRICS] + list(STEP_METRICS)
+    if generates(cfg):
+        names += GEN_METRICS
+        if judge_name(cfg) != "none":
+            names += JUDGED_METRICS
+    return sorted(names)
+
+
+def _check_objective_metrics(cfg: DictConfig) -> None:
+    """Every objective metric is one the run returns (a typo fails now, not after training)."""
+    known = run_metrics(cfg)
+    metric = cfg.objective.metric
+    for name, _ in objective_spec(cfg):
+        if name not in known:
+            value = f"{list(metric)!r}: {name!r} is" if OmegaConf.is_list(metric) else f"{name!r}:"
+            raise ConfigError(f"config key 'objective.metric' = {value} not a metric this run logs; "
+                              f"expected one of {', '.join(known)}")
 
 
 def generates(cfg: DictConfig) -> bool:

@@ -127,7 +127,7 @@ def test_precomputed_reference_matches_copy_and_reuses_cache(tmp_path, monkeypat
     for key, value in copy.items():
         assert pre[key] == pytest.approx(value, abs=1e-5), key
     def reference_caches():
-        return sorted(c for c in os.listdir(tmp_path / "outputs" / "cache") if c.startswith("reflogps-"))
+        return sorted(c.name for c in (tmp_path / "outputs" / "cache").glob("reflogps-*.safetensors"))
 
     caches = reference_caches()
     assert len(caches) == 1
@@ -176,7 +176,7 @@ def test_cli_errors_are_clear(tmp_path):
     proc = run_cli("train.epochs=abc", f"hydra.run.dir={tmp_path}/a")
     assert proc.returncode != 0 and "train.epochs" in proc.stderr
     proc = run_cli("beta=-0.1", f"hydra.run.dir={tmp_path}/b", "tracking.enabled=false")
-    assert proc.returncode != 0 and "config key 'beta' = -0.1: expected a number > 0" in proc.stderr
+    assert proc.returncode != 0 and "config key 'beta' = -0.1: expected a finite number > 0" in proc.stderr
     missing = tmp_path / "missing.jsonl"
     proc = run_cli("dataset=local", f"dataset.path={missing}", f"hydra.run.dir={tmp_path}/c", "tracking.enabled=false")
     assert proc.returncode != 0 and f"data file '{missing}' does not exist" in proc.stderr

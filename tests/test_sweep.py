@@ -209,10 +209,11 @@ def snapshot(tmp, number):
 
 @pytest.fixture(scope="module")
 def mixed_sweep(tmp_path_factory, store):
-    """A grid of three learning rates: 1e30 (non-finite gradients: FAIL), 1e-2 (learns), and 0
-    (never moves off the reference, accuracy stays 0: clearly bad, pruned)."""
+    """A grid of three learning rates: 1e30 (non-finite gradients: FAIL), 1e-2 (learns), and 1e-20
+    (a step that changes no weight: never moves off the reference, accuracy stays 0: clearly bad,
+    pruned; 0 itself is refused before the sweep starts)."""
     tmp = tmp_path_factory.mktemp("mixed")
-    proc = run_sweep(tmp, store, "mixed", "optimizer.lr=1e30,1e-2,0", "train.max_steps=4", "train.eval_every=1",
+    proc = run_sweep(tmp, store, "mixed", "optimizer.lr=1e30,1e-2,1e-20", "train.max_steps=4", "train.eval_every=1",
                      "hydra.sweeper.pruner.name=median", "+hydra.sweeper.pruner.kwargs.n_startup_trials=1",
                      "objective.metric=eval/rewards/accuracies")  # 4 steps: no answer is right yet, all tie
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -11,7 +11,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
@@ -28,10 +28,19 @@ class Dimension:
     spec: str  # as written: tag(log, interval(1e-5, 1e-2))
     distribution: BaseDistribution
     values: Optional[Tuple[Any, ...]]  # every value (list, choice, range); None for interval()
+    # Choices written as a list or dict, held as their override text (see _choice_value)
+    containers: Tuple[str, ...] = ()
 
     def override(self, value: Any) -> str:
         """The override that sets this key to `value` in a trial."""
-        return f"{self.key}={override_text(value)}"
+        text = value if isinstance(value, str) and value in self.containers else override_text(value)
+        return f"{self.key}={text}"
+
+    def corners(self) -> Tuple[Any, ...]:
+        """The values that stand for this dimension in a check: every value, or an interval's bounds."""
+        if self.values is not None:
+            return self.values
+        return (self.distribution.low, self.distribution.high)
 
 
 def override_text(value: Any) -> str:
@@ -80,7 +89,8 @@ def to_dimension(override: Override) -> Dimension:
         raise fail("tag(log, ...) only on interval(); choice() and range() take no tags")
     if isinstance(sweep, ChoiceSweep):
         values = tuple(dict.fromkeys(_choice_value(v) for v in sweep.list))  # unique, in order
-        return Dimension(key, spec, CategoricalDistribution(values), values)
+        containers = tuple(_choice_value(v) for v in sweep.list if isinstance(v, (list, dict)))
+        return Dimension(key, spec, CategoricalDistribution(values), values, containers)
     if isinstance(sweep, RangeSweep):
         return _range_dimension(key, spec, range_values(sweep), sweep, fail)
     raise fail("a list (a,b,c), choice(), range() or interval()")
@@ -137,6 +147,19 @@ def parse_search_space(params: Optional[Dict[str, Any]], arguments: Sequence[str
 def grid_points(dims: Sequence[Dimension]) -> List[Dict[str, Any]]:
     """Every combination of the dimensions' values, in order (one point if there are none)."""
     return [dict(zip([d.key for d in dims], combo)) for combo in itertools.product(*(d.values for d in dims))]
+
+
+def check_points(dims: Sequence[Dimension], limit: int) -> Iterator[Dict[str, Any]]:
+    """The points whose configs a check validates: every combination of each dimension's corners
+    (its values, or an interval's two bounds), in grid order. Past `limit` points, each
+    dimension's corners alone, the other dimensions at their first corner."""
+    corners = [d.corners() for d in dims]
+    if math.prod(len(c) for c in corners) <= limit:
+        yield from (dict(zip([d.key for d in dims], combo)) for combo in itertools.product(*corners))
+        return
+    first = {d.key: c[0] for d, c in zip(dims, corners)}
+    for d, values in zip(dims, corners):
+        yield from (dict(first, **{d.key: v}) for v in values)
 
 
 def describe(dims: Sequence[Dimension]) -> Dict[str, str]:
