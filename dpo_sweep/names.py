@@ -26,8 +26,19 @@ STATE = "sweep.state"  # the trial's Optuna state: COMPLETE | PRUNED | FAIL
 ERROR = "sweep.error"  # why the trial failed; also its user attr
 INTERRUPTED = "sweep.interrupted"  # its sweeper died (or was stopped) while it ran; also its user attr
 RESUMED_FROM = "sweep.resumed_from"  # the interrupted trial whose checkpoint it went on from; also its user attr
+# the failed trial whose finished training (its metrics.json) it completes, not trained again;
+# also its user attr
+RECOVERED_FROM = "sweep.recovered_from"
 RUN_DIR = "run_dir"  # any run: its run folder
+RUN_OWNER = "run_owner"  # any run: "host:pid" of its process; left RUNNING by a dead one, it ends KILLED
 PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own nesting tag
+DATA_CONTEXT = "mlflow.data.context"
+REGISTERED_MODEL = "best.registered_model"  # parent: the registered model version of the best trial
+MODEL_ID = "model_id"  # any run that logged its trained model (train.save_model=true): the MLflow model id  # a run input's role: train, eval
+NOTE = "mlflow.note.content"  # MLflow's run description (markdown), shown on the run's page
+# -- MLflow experiment tags
+# What MLflow 3's UI opens an experiment on: without it, the GenAI overview; this value: the runs.
+EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 # -- Optuna study user attrs
 PARENT_ATTR = "mlflow.parent_run_id"  # the sweep's MLflow run, kept across resumes

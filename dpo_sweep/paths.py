@@ -26,6 +26,7 @@ MODEL_DIR = "model"
 MULTIRUN_FILE = "multirun.yaml"
 JOURNAL_FILE = "optuna.journal"  # the default study storage
 RESULTS_FILE = "optimization_results.yaml"
+SWEEPER_LOCK = "sweeper.lock"  # held by the one sweeper process driving a sweep folder
 SEARCH_SPACE_FILE = "search_space.yaml"
 STORE_FILE = "mlflow.db"
 

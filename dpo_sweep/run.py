@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_sweep import distributed, models, names, paths, reference, tracking
+from dpo_sweep import checkpoint, distributed, models, names, paths, reference, tracking
 from dpo_sweep.config import ConfigError, objective_spec, validate
 from dpo_sweep.gen_eval import build_gen_eval
 from dpo_sweep.logprobs import apply_prompt_sharing, decide_prompt_sharing
@@ -77,7 +77,7 @@ def shard_with_reference(cfg: DictConfig, policy, run: RunSetup, cwd: Optional[s
 
 
 def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[EvalCallback] = ()) -> Objective:
-    """Train once as `cfg` says; write metrics.json (and the model) to the run folder, log to
+    """Train once as `cfg` says; write metrics.json (and the model) to the run folder, then log to
     MLflow; return the objective (a tuple when `objective.metric` is a list)."""
     validate(cfg)
     hydra_out, cwd = hydra_dirs()
@@ -87,24 +87,31 @@ def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[
     if distributed.launched_by_torchrun():
         distributed.init(cfg.train.device)
     main = distributed.is_main()  # under torchrun only rank 0 logs and writes files
+    if main and cfg.tracking.enabled:  # a run of this folder whose process was killed ends KILLED
+        tracking.end_dead_runs(tracking.resolve_uri(cfg.tracking.uri, cwd), cfg.tracking.experiment, out_dir)
     tracker = tracking.start_run(cfg, run_name=os.path.basename(out_dir), cwd=cwd) if main else None
     status, pruned = "FAILED", False
     try:
         if tracker:
+            tracker.set_tags({names.RUN_DIR: os.path.abspath(out_dir), names.RUN_OWNER: tracking.process_owner()})
             tracker.log_params(tracking.flatten(cfg))
-            tracker.set_tags({names.RUN_DIR: os.path.abspath(out_dir)})
-        metrics = _train(cfg, out_dir, cwd, tracker, on_eval)
+        metrics, step, files = _train(cfg, out_dir, cwd, tracker, on_eval)
         objective = objective_values(cfg, metrics)
-        spec = [m for m, _ in objective_spec(cfg)]  # `auto` resolved
-        metric = spec if OmegaConf.is_list(cfg.objective.metric) else spec[0]
-        result = {"objective": objective, "objective_metric": metric, "metrics": metrics}
-        if main:
-            with open(paths.metrics_file(out_dir), "w") as f:
-                json.dump(result, f, indent=2)
+        if main:  # the results on disk first: a store that refuses them (full) loses nothing
+            spec = [m for m, _ in objective_spec(cfg)]  # `auto` resolved
+            metric = spec if OmegaConf.is_list(cfg.objective.metric) else spec[0]
+            write_results(out_dir, {"objective": objective, "objective_metric": metric, "step": step,
+                                    "metrics": metrics})
+            checkpoints = paths.checkpoint_dir(out_dir)
+            if cfg.trainer == "dpo_sweep" and os.path.isdir(checkpoints):
+                shutil.rmtree(checkpoints)  # finished: the checkpoint is no longer needed
         if tracker:
-            tracker.log_artifact(paths.metrics_file(out_dir))
-            tracker.log_artifact(paths.hydra_dir(out_dir), "hydra")
-            tracker.log_metrics(objective_metrics(objective), step=0)
+            for path in files:
+                tracker.log_artifact(path)
+            tracking.log_results(tracker, out_dir, objective)
+            if cfg.train.save_model and os.path.isdir(paths.model_dir(out_dir)):  # the UI's Model column
+                model_id = tracker.log_model(paths.model_dir(out_dir), name="dpo-policy", step=step)
+                log.info("model logged to MLflow: models:/%s", model_id)
         status = "FINISHED"
         distributed.barrier()  # torchrun: no rank leaves while rank 0 still writes
         return objective
@@ -119,6 +126,14 @@ def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[
         distributed.close()
 
 
+def write_results(out_dir: str, result: Dict[str, Any]) -> None:
+    """metrics.json, whole or not at all: a sweep's resume takes a run that has one as finished."""
+    path = paths.metrics_file(out_dir)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+
+
 def objective_values(cfg: DictConfig, metrics: Dict[str, float]) -> Objective:
     """The objective metric's final value, or a tuple of them for a multi-objective config."""
     values = []
@@ -130,13 +145,6 @@ def objective_values(cfg: DictConfig, metrics: Dict[str, float]) -> Objective:
             )
         values.append(metrics[metric])
     return tuple(values) if OmegaConf.is_list(cfg.objective.metric) else values[0]
-
-
-def objective_metrics(objective: Objective) -> Dict[str, float]:
-    """MLflow metrics of the objective: `objective`, or `objective/0`, `objective/1`, ..."""
-    if isinstance(objective, tuple):
-        return {f"objective/{i}": v for i, v in enumerate(objective)}
-    return {"objective": objective}
 
 
 def sweep_callbacks(cfg: DictConfig, total_steps: int) -> List[EvalCallback]:
@@ -176,7 +184,10 @@ def build_trainer(cfg: DictConfig, cwd: Optional[str] = None, tracker=None, on_e
 
 
 def _resume(cfg: DictConfig, trainer: Trainer, out_dir: str, tracker) -> None:
-    """Checkpoints go to <run>/checkpoint/; with train.resume, continue from the one there."""
+    """Checkpoints go to <run>/checkpoint/; with train.resume, continue from the one there, once
+    verified and found to be of the same settings (or train.resume_override). A checkpoint that
+    does not match its manifest (truncated, damaged) is an error naming it: the run stops rather
+    than start again from step 0 in the folder of the run it was asked to continue."""
     trainer.checkpoint_dir = paths.checkpoint_dir(out_dir)
     path = paths.checkpoint_file(out_dir)
     if not cfg.train.resume:
@@ -184,14 +195,39 @@ def _resume(cfg: DictConfig, trainer: Trainer, out_dir: str, tracker) -> None:
     if not os.path.exists(path):
         log.info("train.resume: no checkpoint at %s, starting from step 0", path)
         return
-    trainer.load_checkpoint(path)
+    try:
+        record = checkpoint.verify(path)
+        check_resume_settings(cfg, path, checkpoint.saved_settings(record))
+        trainer.load_checkpoint(path, verified=True)
+    except checkpoint.CheckpointError as e:  # truncated or damaged: an error, not a silent fresh start
+        raise checkpoint.CheckpointError(f"train.resume: {e}; remove {trainer.checkpoint_dir} to start from "
+                                         f"step 0") from e
     if tracker:  # this MLflow run gets the whole curve, the steps before the checkpoint included
         for step, metrics in enumerate(trainer.history, start=1):
             if step % cfg.train.log_every == 0:
                 tracker.log_metrics(metrics, step)
 
 
-def _train(cfg: DictConfig, out_dir: str, cwd: Optional[str], tracker, on_eval) -> Dict[str, float]:
+def check_resume_settings(cfg: DictConfig, path: str, saved: Optional[Dict[str, str]]) -> None:
+    """Refuse to resume from the checkpoint `path`, written with the settings `saved`, when they
+    differ from `cfg` (keys that may differ: checkpoint.RESUME_FREE_KEYS and _PREFIXES), unless
+    train.resume_override; then the differences are logged."""
+    if saved is None:
+        log.warning("train.resume: checkpoint %s records no settings (an earlier version wrote it): "
+                    "not checked against this run's", path)
+        return
+    diff = checkpoint.settings_diff(saved, checkpoint.resume_settings(tracking.flatten(cfg)))
+    if not diff:
+        return
+    if not cfg.train.resume_override:
+        raise ConfigError(f"config key 'train.resume' = True: checkpoint {path} was written with other settings "
+                          f"({'; '.join(diff)}); rerun with its settings, or add train.resume_override=true")
+    log.warning("train.resume_override: resuming from %s with other settings: %s", path, "; ".join(diff))
+
+
+def _train(cfg: DictConfig, out_dir: str, cwd: Optional[str], tracker, on_eval) -> Tuple[Dict[str, float], int, List[str]]:
+    """Train; return the final metrics, the final optimizer step and the files to log with the
+    results (written here; logged once the results are on disk)."""
     if cfg.trainer == "trl":  # TRL's DPOTrainer on the same config (a cross-check backend)
         from dpo_sweep import trl_backend
 
@@ -205,21 +241,17 @@ def _train(cfg: DictConfig, out_dir: str, cwd: Optional[str], tracker, on_eval) 
     if isinstance(trainer, Trainer):
         _resume(cfg, trainer, out_dir, tracker)
     metrics = trainer.fit()
+    step = int(getattr(trainer, "step", trainer.total_steps))
+    files = []
     if gen_eval is not None and distributed.is_main():
-        samples = gen_eval.write_samples(out_dir)
-        if tracker:
-            tracker.log_artifact(samples)
+        files.append(gen_eval.write_samples(out_dir))
     state_dict = None
     if cfg.train.fsdp and cfg.train.save_model:  # gathered by every rank, saved by rank 0
         state_dict = distributed.full_state_dict(trainer.policy)
     if not distributed.is_main():
-        return metrics
-    if isinstance(trainer, Trainer) and os.path.isdir(trainer.checkpoint_dir):
-        shutil.rmtree(trainer.checkpoint_dir)  # finished: the checkpoint is no longer needed
+        return metrics, step, files
     if cfg.train.save_model:
         path = paths.model_dir(out_dir)
         models.save_model(trainer.policy, tokenizer, path, merge=cfg.model.lora.merge, state_dict=state_dict)
         log.info("model saved to %s", path)
-    return metrics
-
-
+    return metrics, step, files

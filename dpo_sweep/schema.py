@@ -107,6 +107,9 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state over the GPUs
     checkpoint_every: int = 0  # optimizer steps between checkpoints in <run>/checkpoint/; 0: none
     resume: bool = False  # continue from the run folder's checkpoint, if there is one
+    # With resume: go on from a checkpoint written with other settings (the differences are logged);
+    # false: such a resume is refused, naming each key that differs (old -> new).
+    resume_override: bool = False
     save_model: bool = False  # write the trained model + tokenizer (HF format) to the run folder
     progress: bool = True  # tqdm progress bar
 
@@ -161,6 +164,13 @@ class TrackingConfig:
     uri: Optional[str] = None
     experiment: str = "dpo-sweep"
     run_name: Optional[str] = None
+    # MLflow's system metrics (CPU, memory, disk, network, GPU) every `system_metrics_interval`
+    # seconds, as `system/*` curves of the run.
+    system_metrics: bool = False
+    # A name: the best trial's model (logged by each trial with train.save_model=true) is registered
+    # as a version of this registered model, with the alias `best`, at the end of a sweep.
+    register_best: Optional[str] = None
+    system_metrics_interval: float = 10.0
     # Set by the sweeper: this run is a child of that run.
     parent_run_id: Optional[str] = None
     tags: Dict[str, str] = field(default_factory=dict)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from dpo_sweep import checkpoint, distributed, logprobs, paths
+from dpo_sweep import checkpoint, distributed, logprobs, paths, tracking
 from dpo_sweep.config import ConfigError
 from dpo_sweep.batching import collate, collate_shared
 from dpo_sweep.pairs import Pair
@@ -242,11 +242,15 @@ class Trainer:
     # -- checkpoints
 
     def save_checkpoint(self, path: str) -> None:
-        """Model, optimizer, scheduler, RNG states, step and history, written atomically to `path`."""
-        checkpoint.save(path, self.step, self.policy, self.optimizer, self.scheduler, self.history)
+        """Model, optimizer, scheduler, RNG states, step and history, written atomically to `path`,
+        with a manifest that records its hash and the run's settings."""
+        checkpoint.save(path, self.step, self.policy, self.optimizer, self.scheduler, self.history,
+                        settings=tracking.flatten(self.cfg))
 
-    def load_checkpoint(self, path: str) -> None:
-        self.step, self.history = checkpoint.load(path, self.policy, self.optimizer, self.scheduler)
+    def load_checkpoint(self, path: str, verified: bool = False) -> None:
+        """Go on from the checkpoint `path`, verified first unless `verified` already
+        (checkpoint.CheckpointError if it is not intact)."""
+        self.step, self.history = checkpoint.load(path, self.policy, self.optimizer, self.scheduler, verified)
         log.info("resumed from %s at step %d", path, self.step)
 
     def _maybe_checkpoint(self) -> None:

@@ -125,7 +125,7 @@ def test_phi2_truthy_preset_trains_a_tiny_phi(tmp_path, monkeypatch):
     assert abs(metrics["eval/rewards/chosen"]) < 1e-2 and abs(metrics["eval/rewards/rejected"]) < 1e-2
     saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert saved["model_type"] == "phi" and saved["rope_parameters"]["partial_rotary_factor"] == 0.4
-    cached = [f for f in os.listdir(tmp_path / "outputs" / "cache") if f.startswith("reflogps-")]
+    cached = list((tmp_path / "outputs" / "cache").glob("reflogps-*.safetensors"))
     assert len(cached) == 1  # the reference was precomputed
     initial = load_policy(cfg.model, load_tokenizer(cfg.model), cfg.seed)  # same seed: same weights
     trained = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").named_parameters())

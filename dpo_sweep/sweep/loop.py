@@ -17,16 +17,17 @@ from omegaconf import OmegaConf
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from dpo_sweep import names, paths
-from dpo_sweep.config import objective_spec, validate
+from dpo_sweep import names, paths, tracking
+from dpo_sweep.config import objective_spec
+from dpo_sweep.preflight import check_points
 from dpo_sweep.sweep.lineage import open_parent, settle_child_runs, tag_child_runs
 from dpo_sweep.sweep.placement import job_dir, pin_gpus, trial_overrides
-from dpo_sweep.sweep.resume import resume_from_checkpoint, retry_points
+from dpo_sweep.sweep.resume import recoverable, relog, resume_from_checkpoint, retry_points, trial_folder
 from dpo_sweep.sweep.settings import SweepSettings, check_grid
 from dpo_sweep.sweep.space import describe, format_params, grid_points, parse_search_space
 from dpo_sweep.sweep.state import Sweep, SweepError
-from dpo_sweep.sweep.study import (build_pruner, build_sampler, is_finished, open_storage, open_study, owner_id,
-                                   recover_interrupted, storage_location)
+from dpo_sweep.sweep.study import (build_pruner, build_sampler, claim_folder, is_finished, open_storage, open_study,
+                                   owner_id, recover_interrupted, storage_location)
 from dpo_sweep.sweep.summary import finish
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ def run_sweep(sweeper, arguments: List[str]) -> List[Sequence[Any]]:
     try:
         if sw.parent:
             settle_child_runs(sw)  # runs a killed sweeper left RUNNING, or untagged
+            tracking.end_dead_runs(sw.parent.uri, sw.base.tracking.experiment, sw.sweep_dir, below=True)
+        recover_finished(sw)
         returns = run_batches(sweeper, sw)
         status = "FINISHED"
         return returns
@@ -58,10 +61,13 @@ def prepare(sweeper, arguments: List[str]) -> Sweep:
     grid = settings.is_grid()
     check_grid(dims, settings, grid)
     base = sweeper.hydra_context.config_loader.load_sweep_config(sweeper.config, list(fixed))
-    validate(base)
+    # Every point's config (the Preflight callback did this before the sweep; again here for a
+    # sweeper started without it). The base alone is not checked: its swept keys are defaults.
+    check_points(sweeper.hydra_context.config_loader, sweeper.config, arguments, fixed, dims)
     metrics, directions = map(list, zip(*objective_spec(base)))
     sweep_dir = os.path.abspath(str(sweeper.config.hydra.sweep.dir))
     os.makedirs(sweep_dir, exist_ok=True)
+    claim_folder(sweep_dir)  # before anything in it is written: one sweeper per folder
     OmegaConf.save(sweeper.config, paths.multirun_file(sweep_dir))
     location = storage_location(settings.storage, sweep_dir)
     storage = open_storage(location)
@@ -143,14 +149,48 @@ def ask_batch(sw: Sweep, size: int) -> List[optuna.Trial]:
 
 def ask_at(sw: Sweep, point: Dict[str, Any], distributions: Dict[str, BaseDistribution]) -> optuna.Trial:
     """A trial at a given point: its parameters fixed, not sampled."""
+    return mark_owner(sw, ask_fixed(sw, point, distributions))
+
+
+def ask_fixed(sw: Sweep, point: Dict[str, Any], distributions: Dict[str, BaseDistribution]) -> optuna.Trial:
+    """A trial at `point`, not yet marked as this invocation's (`mark_owner`)."""
     base_sampler = sw.study.sampler
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             sw.study.sampler = optuna.samplers.PartialFixedSampler(point, base_sampler)
-        return mark_owner(sw, sw.study.ask(distributions))
+        return sw.study.ask(distributions)
     finally:
         sw.study.sampler = base_sampler
+
+
+def recover_finished(sw: Sweep) -> List[FrozenTrial]:
+    """Points whose latest trial failed after its training finished (its metrics.json holds the
+    objective; a full disk under the MLflow store refused the results, or the sweeper died
+    before telling them): each told COMPLETE under a new trial number with those values, its
+    MLflow run completed (`relog`), never trained again. Not counted among this invocation's
+    trials; when the MLflow store still refuses, the new trial is interrupted and the sweep stops."""
+    distributions = {d.key: d.distribution for d in sw.dims}
+    told = []
+    for source, results in recoverable(sw):
+        trial = ask_fixed(sw, dict(source.params), distributions)
+        trial.set_user_attr(names.OWNER, owner_id())
+        trial.set_user_attr(names.FOLDER, trial_folder(sw, source))  # where its results are
+        trial.set_user_attr(names.RECOVERED_FROM, source.number)
+        try:
+            relog(sw, source, trial, results)
+        except BaseException as e:  # its next resume tries again
+            trial.set_user_attr(names.INTERRUPTED, True)
+            trial.set_user_attr(names.ERROR, f"not recovered: {type(e).__name__}: {e}"[:1000])
+            sw.study.tell(trial, state=TrialState.FAIL)
+            raise
+        objective = results["objective"]
+        done = sw.study.tell(trial, objective if isinstance(objective, list) else [objective])
+        log.info("trial %d COMPLETE: %s = %s (%s), from the finished training of failed trial %d, not run again",
+                 done.number, ", ".join(sw.metrics), ", ".join(f"{v:.6g}" for v in done.values),
+                 format_params(done.params), source.number)
+        told.append(done)
+    return told
 
 
 def mark_owner(sw: Sweep, trial: optuna.Trial) -> optuna.Trial:

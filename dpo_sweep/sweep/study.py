@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dpo_sweep import names, paths
+from dpo_sweep import credentials, names, paths
 from dpo_sweep.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,45 @@ def storage_location(setting: Optional[str], sweep_dir: str) -> str:
     return os.path.abspath(setting or paths.journal_file(sweep_dir))
 
 
+_CLAIMED: Dict[str, Any] = {}  # sweep folder -> its open lock file, held while this process lives
+
+
+def claim_folder(sweep_dir: str) -> None:
+    """Make this process the one sweeper of `sweep_dir`, or raise SweepError naming the one that
+    is: an exclusive lock on `<sweep dir>/sweeper.lock`, which the system drops when its process
+    ends, however it ends (a killed sweeper leaves no stale lock). Two sweeper processes then
+    never drive one folder's study by accident; a second worker on the same study takes its own
+    folder (hydra.sweep.dir) with the same hydra.sweeper.storage and study_name."""
+    import fcntl
+
+    from dpo_sweep.sweep.state import SweepError
+
+    if sweep_dir in _CLAIMED:
+        return
+    path = os.path.join(sweep_dir, paths.SWEEPER_LOCK)
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise SweepError(f"sweep folder {sweep_dir} is in use by another sweeper ({holder}): wait for it to end, "
+                         f"or give this sweep its own hydra.sweep.dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(owner_id())
+    lock.flush()
+    _CLAIMED[sweep_dir] = lock
+
+
 def open_storage(location: str) -> optuna.storages.BaseStorage:
     """A journal file (a path), a Redis journal (redis://) or an RDB storage (any other URL)."""
     journal = optuna.storages.journal
     if location.startswith("redis://"):
-        return journal.JournalStorage(journal.JournalRedisBackend(location))
+        return journal.JournalStorage(journal.JournalRedisBackend(credentials.connectable(location)))
     if "://" in location:
-        return optuna.storages.RDBStorage(location)
+        return optuna.storages.RDBStorage(credentials.connectable(location))
     os.makedirs(os.path.dirname(location), exist_ok=True)
     return journal.JournalStorage(journal.JournalFileBackend(location))
 
