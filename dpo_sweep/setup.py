@@ -4,7 +4,9 @@ counted. Data errors therefore stop a run before a model is loaded."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional
 
@@ -33,6 +35,19 @@ class RunSetup:
     data: PreferenceData
 
 
+def log_datasets(tracker, d: DictConfig, data) -> None:
+    """The train and eval splits as the run's MLflow inputs, each with a digest of its pairs."""
+    if d.get("path"):
+        kind, location, name = "file", str(d.path), os.path.basename(str(d.path))
+    elif d.name == "builtin":
+        kind, location, name = "builtin", f"dpo_sweep.tasks version {d.builtin_version}", f"builtin-v{d.builtin_version}"
+    else:
+        kind, location, name = "hub", str(d.name), str(d.name)
+    for context, pairs in (("train", data.train), ("eval", data.eval)):
+        digest = hashlib.sha256(repr([(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]).encode())
+        tracker.log_dataset(f"{name} ({context})", kind, location, digest.hexdigest()[:8], context)
+
+
 def prepare_run(cfg: DictConfig, tracker=None, device: Optional[torch.device] = None) -> RunSetup:
     """Device (`device`, else `train.device` resolved), precision, tokenizer and data; the data
     counts go to the log and, as `data/*`, to the tracker."""
@@ -48,8 +63,9 @@ def prepare_run(cfg: DictConfig, tracker=None, device: Optional[torch.device] = 
              "identical after truncation), %d responses lost their EOS to truncation (train.max_length = %d)",
              len(data.train), len(data.eval), data.skipped, data.dropped_identical, data.lost_eos,
              cfg.train.max_length)
-    if tracker:
-        tracker.log_metrics({"data/train_pairs": len(data.train), "data/eval_pairs": len(data.eval),
-                             "data/skipped_rows": data.skipped, "data/dropped_identical": data.dropped_identical,
-                             "data/lost_eos": data.lost_eos}, step=0)
+    if tracker:  # counts as params: they describe the run, they are not curves
+        tracker.log_params({"data/train_pairs": len(data.train), "data/eval_pairs": len(data.eval),
+                            "data/skipped_rows": data.skipped, "data/dropped_identical": data.dropped_identical,
+                            "data/lost_eos": data.lost_eos})
+        log_datasets(tracker, cfg.dataset, data)
     return RunSetup(device, precision, reference.autocast_for(device, precision), tokenizer, data)

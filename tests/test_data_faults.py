@@ -72,7 +72,7 @@ def test_answers_the_tokenizer_cannot_tell_apart_name_the_row(tokenizer, tmp_pat
 
 def test_lost_eos_counted_and_summary_reaches_log_and_tracker(tokenizer, tmp_path, caplog):
     from dpo_sweep.setup import prepare_run
-    from dpo_sweep.tracking import Tracker, metric_history
+    from dpo_sweep.tracking import Tracker, get_run
 
     rows = rows_sharing_a_start(2, 6) + [{"prompt": "p", "chosen": "a long answer", "rejected": "no"}] * 2
     path = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -89,10 +89,16 @@ def test_lost_eos_counted_and_summary_reaches_log_and_tracker(tokenizer, tmp_pat
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
     assert len(summary) == 1
     assert "2 pairs dropped" in summary[0] and "2 responses lost their EOS" in summary[0]
-    assert metric_history(uri, tracker.run_id, "data/dropped_identical") == [(0, 2.0)]
-    assert metric_history(uri, tracker.run_id, "data/lost_eos") == [(0, 2.0)]
-    assert metric_history(uri, tracker.run_id, "data/skipped_rows") == [(0, 0.0)]
     tracker.end()
+    logged = get_run(uri, tracker.run_id)
+    assert not any(k.startswith("data/") for k in logged.metrics)  # counts are params, not curves
+    assert {k: logged.params[k] for k in ("data/dropped_identical", "data/lost_eos", "data/skipped_rows")} == {
+        "data/dropped_identical": "2", "data/lost_eos": "2", "data/skipped_rows": "0"}
+    from mlflow.tracking import MlflowClient
+    inputs = MlflowClient(tracking_uri=uri).get_run(tracker.run_id).inputs.dataset_inputs
+    contexts = {i.tags[0].value: i.dataset for i in inputs}
+    assert sorted(contexts) == ["eval", "train"] and contexts["train"].name == "d.jsonl (train)"
+    assert contexts["train"].source_type == "local" and len(contexts["train"].digest) == 8
 
 
 # ---------------------------------------------------------------------------- encodings

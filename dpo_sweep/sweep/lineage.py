@@ -5,16 +5,46 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any, Dict, Optional, Sequence
 
 from optuna.trial import FrozenTrial, TrialState
 
-from dpo_sweep import names, tracking
+from dpo_sweep import names, results, tracking
 from dpo_sweep.sweep.state import Sweep
 
 log = logging.getLogger(__name__)
 # MLflow status of a trial's run once the trial is finished (an interrupted one: KILLED).
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+
+
+STAMP = re.compile(r"(\d{4})-(\d{2})-(\d{2})_(\d{2})-(\d{2})-(\d{2})(?:-\d+)?")  # the default sweep folder name
+
+
+def short_names(keys: Sequence[str]) -> Dict[str, str]:
+    """Each swept key's short name for run names and params: its last part (`optimizer.lr` ->
+    `lr`), or the whole key where two keys would share one."""
+    parts = [k.lstrip("+~").rsplit(".", 1)[-1] for k in keys]
+    return {k: p if parts.count(p) == 1 else k.lstrip("+~") for k, p in zip(keys, parts)}
+
+
+def parent_name(sw: Sweep) -> str:
+    """A readable, distinct name for the runs table, where long names are cut: what differs
+    comes first. `sweep 15:25:18 12-04: beta, lr` for a sweep in a timestamped folder, else
+    `<study>: beta, lr`."""
+    keys = ", ".join(short_names([d.key for d in sw.dims]).values()) or "fixed overrides"
+    m = STAMP.fullmatch(sw.study.study_name)
+    if m:
+        year, month, day, hour, minute, second = m.groups()
+        return f"sweep {hour}:{minute}:{second} {month}-{day}: {keys}"
+    return f"{sw.study.study_name}: {keys}"
+
+
+def trial_name(sw: Sweep, number: int, params: Dict[str, Any]) -> str:
+    """A trial's run name: its number and its setting, `t3 beta=0.3 lr=0.004`."""
+    short = short_names([d.key for d in sw.dims])
+    return " ".join([f"t{number}"] + [f"{short[d.key]}={results.fmt(params[d.key])}" for d in sw.dims
+                                      if d.key in params])
 
 
 def open_parent(sw: Sweep) -> Optional[tracking.Tracker]:
@@ -32,7 +62,7 @@ def open_parent(sw: Sweep) -> Optional[tracking.Tracker]:
         log.info("MLflow: going on with parent run %s in %s", known, uri)
     else:
         tags = {names.STUDY_NAME: sw.study.study_name, names.ROLE: names.PARENT_ROLE, names.STORAGE: sw.location}
-        parent = tracking.Tracker(uri, t.experiment, run_name=f"sweep-{sw.study.study_name}", tags=tags)
+        parent = tracking.Tracker(uri, t.experiment, run_name=parent_name(sw), tags=tags)
         log.info("MLflow: parent run %s in %s", parent.run_id, uri)
     if attrs.get(names.PARENT_ATTR) != parent.run_id or attrs.get(names.PARENT_URI_ATTR) != uri:
         sw.study.set_user_attr(names.PARENT_ATTR, parent.run_id)
@@ -84,11 +114,17 @@ def run_tags(trial: FrozenTrial) -> Dict[str, Any]:
 
 
 def tag_child_runs(sw: Sweep, told: Sequence[FrozenTrial]) -> None:
-    """Tag each trial's run with its Optuna state (and error), to filter them in the MLflow UI."""
+    """Tag each trial's run with its Optuna state (and error), to filter them in the MLflow UI,
+    and log its swept values under their short names (`lr`) beside the config's dotted ones."""
     runs = child_runs(sw)
+    short = short_names([d.key for d in sw.dims])
     for trial in told:
         if trial.number in runs:
-            tracking.set_tags(sw.parent.uri, runs[trial.number].run_id, run_tags(trial))
+            run = runs[trial.number]
+            tracking.set_tags(sw.parent.uri, run.run_id, run_tags(trial))
+            params = {short[k]: v for k, v in trial.params.items() if k in short and short[k] not in run.params}
+            if params:
+                tracking.log_params(sw.parent.uri, run.run_id, params)
 
 
 def settle_child_runs(sw: Sweep) -> None:

@@ -32,7 +32,10 @@ def trial_overrides(sw: Sweep, trial: optuna.Trial) -> List[str]:
         f"sweep.trial_number={trial.number}",
     ]
     if sw.parent:
-        overrides += [f"tracking.uri={quote(sw.parent.uri)}", f"tracking.parent_run_id={quote(sw.parent.run_id)}"]
+        from dpo_sweep.sweep.lineage import trial_name
+
+        overrides += [f"tracking.uri={quote(sw.parent.uri)}", f"tracking.parent_run_id={quote(sw.parent.run_id)}",
+                      f"tracking.run_name={quote(trial_name(sw, trial.number, trial.params))}"]
     return overrides
 
 

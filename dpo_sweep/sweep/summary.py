@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Sequence
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from dpo_sweep import names, paths, results
+from dpo_sweep import names, paths, results, tracking
 from dpo_sweep.sweep.space import describe
 from dpo_sweep.sweep.state import Sweep
 from dpo_sweep.sweep.study import is_finished
@@ -105,6 +105,7 @@ def log_to_parent(sw: Sweep, trials: Sequence[FrozenTrial], summary: Dict[str, A
         parent.log_metrics({"best_value": best[0].value}, step=finished)
         parent.set_tags({names.BEST_TRIAL: best[0].number,
                          **{names.BEST_PREFIX + k: v for k, v in best[0].params.items()}})
+        register_best(sw, best[0])
     elif best:
         parent.set_tags({names.BEST_TRIALS: ",".join(str(t.number) for t in best)})
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,6 +119,24 @@ def log_to_parent(sw: Sweep, trials: Sequence[FrozenTrial], summary: Dict[str, A
             saved.append("frontier.png")
         if saved:
             parent.log_artifact(os.path.join(tmp, "plots"), "plots")
+
+
+def register_best(sw: Sweep, best: FrozenTrial) -> None:
+    """With `tracking.register_best=<name>`: the best trial's logged model (its run saved it:
+    `train.save_model=true`) becomes a version of the registered model <name>, alias `best`."""
+    from dpo_sweep.sweep.lineage import child_runs
+
+    name = sw.base.tracking.register_best
+    if not name:
+        return
+    run = child_runs(sw).get(best.number)
+    version = tracking.register_model(sw.parent.uri, run.run_id, name, "best") if run else None
+    if version is None:
+        log.warning("tracking.register_best=%s: the best trial (%d) logged no model; set train.save_model=true "
+                    "so that every trial logs the model it trained", name, best.number)
+        return
+    sw.parent.set_tags({names.REGISTERED_MODEL: f"{name} version {version} (alias best)"})
+    log.info("MLflow: the best trial's model is %s version %s, alias 'best'", name, version)
 
 
 def save_frontier(sw: Sweep, folder: str) -> bool:
