@@ -16,22 +16,24 @@ import json
 import logging
 import os
 import re
-import shutil
+import shlex
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dpo_sweep import paths, tracking
+from dpo_sweep import credentials, paths, tracking
 from dpo_sweep.config import ConfigError
 from dpo_sweep.schema import DPOSweepConfig, SweepTrialConfig
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 SAVED_FILES = ("config.yaml", "overrides.yaml", "hydra.yaml")  # what a run keeps in .hydra/
+REPRODUCE_FILE = "reproduce.yaml"  # in a reproduced run's .hydra/: the command, the source run
 # Settings added since a run may have been saved, with the value that matches how such a run
 # trained: a saved config without the key reruns with this value, not today's default.
 BEFORE_THEY_EXISTED = {"train.share_prompt": False, "eval.gen.enabled": False, "sft.enabled": False,
@@ -93,16 +95,22 @@ def rerun_config(saved: DictConfig, label: str) -> DictConfig:
     return cfg
 
 
-def prepare_folder(out_dir: str, original: Original, cfg: DictConfig) -> None:
-    """The new run folder with its .hydra/: the config it runs, and the original's other files."""
+def prepare_folder(out_dir: str, original: Original, cfg: DictConfig, command: str) -> None:
+    """The new run folder with its .hydra/: the config it runs; `overrides.yaml` with no override
+    (none applied: the whole config is the saved one), headed by the command and the source run;
+    `reproduce.yaml` with both, and the source's own overrides for reference."""
     hydra_dir = paths.hydra_dir(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir} is not empty: reproduce writes into a new folder")
     os.makedirs(hydra_dir)
     OmegaConf.save(cfg, os.path.join(hydra_dir, "config.yaml"))
-    for name in SAVED_FILES[1:]:
-        if os.path.isfile(os.path.join(original.hydra_dir, name)):
-            shutil.copy(os.path.join(original.hydra_dir, name), hydra_dir)
+    with open(os.path.join(hydra_dir, paths.OVERRIDES_FILE), "w") as f:
+        f.write(f"# {command}\n# reproduces {original.label}: its saved config.yaml, with no override\n[]\n")
+    source = os.path.join(original.hydra_dir, paths.OVERRIDES_FILE)
+    record = {"command": command, "source": original.label,
+              "source_overrides": OmegaConf.to_container(OmegaConf.load(source)) if os.path.isfile(source) else None}
+    with open(os.path.join(hydra_dir, REPRODUCE_FILE), "w") as f:
+        yaml.safe_dump(record, f, sort_keys=False)
 
 
 def compare(original: Dict[str, float], new: Dict[str, float]) -> List[str]:
@@ -125,7 +133,8 @@ def default_out_dir() -> str:
     return paths.reproduce_dir(time.strftime("%Y-%m-%d_%H-%M-%S"))
 
 
-def reproduce(source: str, out_dir: Optional[str] = None, tracking_uri: Optional[str] = None) -> Dict[str, object]:
+def reproduce(source: str, out_dir: Optional[str] = None, tracking_uri: Optional[str] = None,
+              command: Optional[str] = None) -> Dict[str, object]:
     """Rerun `source` (a run folder or an MLflow run id) into `out_dir`; return both results."""
     from dpo_sweep.run import run_trial  # torch and transformers load here
 
@@ -140,7 +149,9 @@ def reproduce(source: str, out_dir: Optional[str] = None, tracking_uri: Optional
         if cfg.tracking.uri is None and tracking_uri:  # log beside the original, not in the cwd's store
             cfg.tracking.uri = tracking_uri
         out_dir = os.path.abspath(out_dir or default_out_dir())
-        prepare_folder(out_dir, original, cfg)
+        command = command or " ".join(["python -m dpo_sweep.reproduce", shlex.quote(source)]
+                                      + (["--tracking-uri", shlex.quote(tracking_uri)] if tracking_uri else []))
+        prepare_folder(out_dir, original, cfg, credentials.mask(command))
     print(f"reproducing {original.label} into {out_dir}", flush=True)
     run_trial(cfg, out_dir=out_dir)
     with open(paths.metrics_file(out_dir)) as f:
@@ -159,7 +170,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
-        reproduce(args.source, args.out, args.tracking_uri)
+        argv_shown = argv if argv is not None else sys.argv[1:]
+        reproduce(args.source, args.out, args.tracking_uri,
+                  command=" ".join(["python -m dpo_sweep.reproduce", *map(shlex.quote, argv_shown)]))
     except (FileNotFoundError, FileExistsError, LookupError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

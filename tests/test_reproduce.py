@@ -50,6 +50,12 @@ def test_reproduce_from_the_run_folder(finished_trial):
     config = yaml.safe_load((tmp / "again" / ".hydra" / "config.yaml").read_text())
     assert config["loss"]["name"] == "ipo" and config["beta"] == 0.3  # the saved config, not conf/'s defaults
     assert config["sweep"] == {"storage": None, "study_name": None, "trial_number": None}  # no study to report to
+    overrides = (tmp / "again" / ".hydra" / "overrides.yaml").read_text()
+    assert yaml.safe_load(overrides) == []  # nothing overrode the saved config, and no sweep override is kept
+    assert f"# python -m dpo_sweep.reproduce {folder} --out {tmp / 'again'}" in overrides
+    record = yaml.safe_load((tmp / "again" / ".hydra" / "reproduce.yaml").read_text())
+    assert record["command"] == f"python -m dpo_sweep.reproduce {folder} --out {tmp / 'again'}"
+    assert record["source"] == str(folder) and "beta=0.3" in record["source_overrides"]
     client = MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("reproduce").experiment_id],
                                 f"tags.`reproduce_of` = '{folder}'")
