@@ -74,6 +74,9 @@ def test_each_run_describes_itself_with_its_reproduce_command(two_sweeps):
     note = trial.data.tags["mlflow.note.content"]
     assert "beta 0.2" in note and "Trial 1 of the sweep" in note
     assert f"python -m dpo_sweep.reproduce {trial.info.run_id} --tracking-uri" in note
+    parent = next(r for r in runs if r.info.run_id == trial.data.tags["mlflow.parentRunId"])
+    note = parent.data.tags["mlflow.note.content"]
+    assert "`beta=0.1,0.2`" in note and "python -m dpo_sweep.report outputs/sweeps/" in note
 
 
 def test_system_metrics_when_asked(two_sweeps):

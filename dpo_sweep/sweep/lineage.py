@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from optuna.trial import FrozenTrial, TrialState
 
-from dpo_sweep import names, results, tracking
+from dpo_sweep import names, paths, results, tracking
 from dpo_sweep.sweep.state import Sweep
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,24 @@ def parent_tags(sw: Sweep) -> Dict[str, Any]:
         names.OBJECTIVE: ", ".join(f"{m} ({d})" for m, d in zip(sw.metrics, sw.directions)),
         names.FIXED_OVERRIDES: " ".join(sw.fixed),
         **{names.SPACE_PREFIX + d.key: d.spec for d in sw.dims},
+        names.NOTE: parent_note(sw),
     }
+
+
+def parent_note(sw: Sweep) -> str:
+    """The parent run's description (MLflow's run note): what the sweep searches, where its
+    results are, and how to resume it."""
+    space = ", ".join(f"`{d.key}={d.spec}`" for d in sw.dims) or "the fixed overrides only"
+    sampler = "every point of the grid" if sw.grid else f"{sw.settings.n_trials} trials chosen by {sw.settings.sampler}"
+    objective = ", ".join(f"{m} ({d})" for m, d in zip(sw.metrics, sw.directions))
+    folder = paths.shown(sw.sweep_dir)
+    return "\n\n".join([
+        f"Sweep `{sw.study.study_name}` of DPO training over {space}: {sampler}, objective {objective}. "
+        f"Each child run is one trial; the tags `best.*` name the best.",
+        f"Results: `optimization_results.yaml` and `plots/` here; the table and plots again: "
+        f"`python -m dpo_sweep.report {folder}`.",
+        f"Resume, or run the missing points: the same command with `hydra.sweep.dir={folder}`.",
+    ])
 
 
 def orphan_parent(sw: Sweep, uri: str) -> Optional[str]:
