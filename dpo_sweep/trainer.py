@@ -133,6 +133,9 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(train_pairs), self.t.batch_size, self.t.grad_accum, self.world)
         self.total_steps = self.t.max_steps if self.t.max_steps > 0 else self.t.epochs * self.steps_per_epoch
         warmup = self.t.warmup_steps or int(self.t.warmup_ratio * self.total_steps)
+        if self.t.warmup_steps > self.total_steps:  # known only now for local and hub data
+            raise ConfigError(f"config key 'train.warmup_steps' = {self.t.warmup_steps}: expected at most the run's "
+                              f"{self.total_steps} optimizer steps ({len(train_pairs)} train pairs)")
         self.optimizer = build_optimizer(policy, cfg.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.t.lr_schedule, warmup, self.total_steps)

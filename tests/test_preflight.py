@@ -193,3 +193,18 @@ def test_check_points_are_the_grid_and_the_interval_bounds():
 def test_list_choices_reach_the_trial_as_lists():
     dims, _ = parse_search_space(None, ["optimizer.betas=choice([0.9,0.99],[0.8,0.9])"])
     assert [dims[0].override(v) for v in dims[0].values] == ["optimizer.betas=[0.9,0.99]", "optimizer.betas=[0.8,0.9]"]
+
+
+def test_a_warmup_longer_than_a_local_data_run_stops_before_training(tmp_path):
+    """With a local file the run's length is known once the data is read: checked then, before the
+    first step, naming the key."""
+    from conftest import write_jsonl
+    from dpo_sweep.config import ConfigError
+    from dpo_sweep.run import run_trial
+
+    rows = [{"prompt": f"p{i}", "chosen": "yes", "rejected": "no"} for i in range(20)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = compose([f"dataset.path={path}", "dataset.eval_size=4", "train.batch_size=8", "train.warmup_steps=50",
+                   "tracking.enabled=false", "eval.gen.enabled=false", "sft.enabled=false"])
+    with pytest.raises(ConfigError, match=r"'train.warmup_steps' = 50: expected at most the run's 2 optimizer steps"):
+        run_trial(cfg, out_dir=str(tmp_path / "run"))
