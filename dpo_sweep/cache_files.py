@@ -13,13 +13,16 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 log = logging.getLogger(__name__)
 
 SIDECAR = ".sha256"
+# Every cache file this process wrote, in order: a run reports those it built (its duration then
+# covers building them; the runs that load them take far less).
+WRITTEN: List[str] = []
 
 
 def _digest(path: str) -> Dict[str, Any]:
@@ -41,6 +44,12 @@ def _write(path: str, write: Callable[[str], None]) -> None:
         json.dump(_digest(tmp), f)
     os.replace(tmp, path)  # atomic: parallel trials never read a half-written file
     os.replace(side_tmp, path + SIDECAR)
+    WRITTEN.append(path)
+
+
+def kind(path: str) -> str:
+    """What a cache file holds, by its name: `sft`, `reflogps`, `refsamples`."""
+    return os.path.basename(path).split("-", 1)[0]
 
 
 def verified(path: str, what: str) -> bool:

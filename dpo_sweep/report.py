@@ -105,6 +105,7 @@ def results_markdown(report: SweepReport) -> str:
         f"`objective` is the final {report.objective_label}; for a pruned trial, the last value its eval "
         f"reported and the step. The eval columns are each trial's last eval.", "",
         results.markdown_table(header, rows), "",
+        *([results.duration_note(report.trials), ""] if results.duration_note(report.trials) else []),
         "## Best setting", "", *best_section(report), "",
     ]
     if errors:

@@ -161,9 +161,10 @@ def to_trial(uri: str, number: int, run: tracking.RunSummary, metrics: Sequence[
     names_ = ["objective"] if len(metrics) == 1 else [f"objective/{i}" for i in range(len(metrics))]
     values = [run.metrics[n] for n in names_] if all(n in run.metrics for n in names_) else None
     duration = (run.end_time - run.start_time) / 1000 if run.start_time and run.end_time else None
+    built = tuple(k for k in run.tags.get(names.CACHES_BUILT, "").split(",") if k)
     trial = Trial(number, state, values=values if state == "COMPLETE" else None,
                   interrupted=results.is_interrupted(state, run.tags), duration_s=duration,
-                  error=run.tags.get(names.ERROR), run=run)
+                  error=run.tags.get(names.ERROR), built=built, run=run)
     if state == "PRUNED" and len(metrics) == 1:
         history = tracking.metric_history(uri, run.run_id, metrics[0])
         trial.last_report = history[-1] if history else None

@@ -41,6 +41,7 @@ class TrialResult:
     interrupted: bool = False
     last_report: Optional[Tuple[int, float]] = None  # (step, value) of a pruned trial's last eval
     duration_s: Optional[float] = None
+    built: Tuple[str, ...] = ()  # the shared caches the trial built (sft, reflogps, refsamples): in its duration
     error: Optional[str] = None
 
     @property
@@ -127,7 +128,18 @@ def param_columns(keys: Sequence[str]) -> List[Column]:
 TRIAL = ("trial", lambda t: str(t.number))
 STATE = ("state", lambda t: t.label)
 OBJECTIVE = ("objective", objective_cell)
-DURATION = ("duration", lambda t: fmt_duration(t.duration_s))
+DURATION = ("duration", lambda t: fmt_duration(t.duration_s) + (" *" if t.built else ""))
+DURATION_NOTE = ("* built the shared caches ({kinds}) that the other trials loaded: its duration includes them; "
+                 "the others' cover start-up, training and evaluation")
+
+
+def duration_note(trials: Sequence[TrialResult]) -> Optional[str]:
+    """The footnote of the duration column, when a trial built caches."""
+    kinds = sorted({k for t in trials for k in t.built})
+    return DURATION_NOTE.format(kinds=", ".join(CACHE_NAMES.get(k, k) for k in kinds)) if kinds else None
+
+
+CACHE_NAMES = {"sft": "SFT weights", "reflogps": "reference log-probs", "refsamples": "reference samples"}
 
 
 def table_rows(trials: Sequence[TrialResult], columns: Sequence[Column]) -> Tuple[List[str], List[List[str]]]:
