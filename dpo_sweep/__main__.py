@@ -17,9 +17,14 @@ if int(os.environ.get("RANK", "0")) > 0:  # torchrun: only rank 0 writes the run
 
 @hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from dpo_sweep.run import run_trial  # heavy imports after Hydra has parsed the command line
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    return run_trial(cfg)
+    from dpo_sweep.run import run_from_cli, run_trial  # heavy imports after Hydra has parsed the command line
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep's trial: the sweeper reports how it ended
+        return run_trial(cfg)
+    return run_from_cli(cfg)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ two backends start from the same place:
   `eval/...`) and sent to the same MLflow run; `fit()` returns the dict run_trial writes to
   metrics.json.
 
+Quiet by default, as our Trainer: one progress bar (none with train.progress=false), no log
+lines or warnings from TRL, transformers, accelerate and datasets; DPO_SWEEP_TRL_VERBOSE=1 in the
+environment shows them all (`quiet`).
+
 Settings TRL 1.16 cannot honour raise ConfigError naming the key (`trl_config.check_config`).
 TRL is imported only by this module and `dpo_sweep.trl_config`, and only when `trainer=trl`:
 `pip install 'dpo-sweep[trl]'`.
@@ -19,13 +23,15 @@ TRL is imported only by this module and `dpo_sweep.trl_config`, and only when `t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig
-from transformers import TrainerCallback
+from transformers import ProgressCallback, TrainerCallback
 
 from dpo_sweep import models
 from dpo_sweep.gen_eval import build_gen_eval
@@ -42,6 +48,55 @@ log = logging.getLogger(__name__)
 # Per-pair metrics TRL logs under the names we use (we add the train/ or eval/ prefix).
 SHARED_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "logps/chosen", "logps/rejected")
+
+
+# The libraries under the TRL backend whose log lines and warnings `quiet` holds back.
+LIBRARIES = ("trl", "transformers", "accelerate", "datasets")
+VERBOSE_ENV = "DPO_SWEEP_TRL_VERBOSE"  # =1: TRL's own logs, warnings and progress bars
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def quiet():
+    """While inside: warnings and log records under WARNING... from LIBRARIES dropped (errors
+    still shown), `datasets` progress bars off; all restored after. Nothing changes when verbose."""
+    if verbose():
+        yield
+        return
+    import datasets
+
+    loggers = [logging.getLogger(name) for name in LIBRARIES]
+    levels = [lg.level for lg in loggers]
+    bars_on = datasets.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        for name in LIBRARIES:
+            warnings.filterwarnings("ignore", module=rf"{name}(\.|$)")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        datasets.disable_progress_bars()
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+            if bars_on:
+                datasets.enable_progress_bars()
+
+
+class TrainingBar(ProgressCallback):
+    """transformers' progress bar for training alone: no bar for each eval, no log dicts printed."""
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        pass
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        pass
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
 
 
 # ---------------------------------------------------------------------------- TRL objects
@@ -66,6 +121,20 @@ def pretokenised_trainer_class():
         def __init__(self, *args, batch_rows: Optional[List[List[int]]] = None, **kwargs):
             self.batch_rows = batch_rows
             super().__init__(*args, **kwargs)
+
+        def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+            """TRL's, without its progress bar unless verbose (its tqdm reads TQDM_DISABLE)."""
+            if verbose():
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            before = os.environ.get("TQDM_DISABLE")
+            os.environ["TQDM_DISABLE"] = "1"
+            try:
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            finally:
+                if before is None:
+                    del os.environ["TQDM_DISABLE"]
+                else:
+                    os.environ["TQDM_DISABLE"] = before
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if set(TOKEN_COLUMNS) <= set(dataset.column_names):
@@ -161,8 +230,9 @@ class TRLRun:
 
     def fit(self) -> Dict[str, float]:
         """Train, then eval once; return the last train metrics and the final eval metrics."""
-        self.trainer.train()
-        self.trainer.evaluate()
+        with quiet():
+            self.trainer.train()
+            self.trainer.evaluate()
         log.info("final eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in self.bridge.last_eval.items()))
         return {**self.history[-1], **self.bridge.last_eval}
 
@@ -174,6 +244,11 @@ def build_trainer(cfg: DictConfig, out_dir: str, tracker=None,
     Mirrors dpo_sweep.run.build_trainer; TRL's own files (none are saved) would go to
     `<out_dir>/trl`. TRL caches precomputed reference log-probs itself.
     """
+    with quiet():
+        return _build_trainer(cfg, out_dir, tracker, on_eval)
+
+
+def _build_trainer(cfg: DictConfig, out_dir: str, tracker, on_eval: Sequence[EvalCallback]) -> Tuple[TRLRun, Any]:
     check_config(cfg)
     import_trl()
     from transformers import PrinterCallback
@@ -211,4 +286,8 @@ def build_trainer(cfg: DictConfig, out_dir: str, tracker=None,
         batch_rows=consecutive(batches),
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
+    if trainer.pop_callback(ProgressCallback) is not None and not verbose():  # train.progress: one bar
+        trainer.add_callback(TrainingBar)
+    elif verbose():
+        trainer.add_callback(ProgressCallback)
     return TRLRun(trainer, policy, bridge), run.tokenizer

@@ -29,6 +29,16 @@ class DPOOptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: List[str]) -> Any:
+        """Run the sweep; a config, data or sweep error ends it with one `error: ...` line (exit
+        2), Ctrl-C with one line naming the sweep folder and the command that resumes (exit 130)."""
         from dpo_sweep.sweep.loop import run_sweep  # optuna and mlflow load only when a sweep runs
+        from dpo_sweep.sweep.summary import SWEEP_ERRORS, interrupted
 
-        return run_sweep(self, arguments)
+        try:
+            return run_sweep(self, arguments)
+        except SWEEP_ERRORS as e:
+            from dpo_sweep.preflight import exit_with
+
+            exit_with(e)
+        except KeyboardInterrupt:
+            interrupted(str(self.config.hydra.sweep.dir))
