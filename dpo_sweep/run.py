@@ -11,15 +11,17 @@ import logging
 import os
 import random
 import shutil
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_sweep import checkpoint, distributed, models, names, paths, reference, tracking
+from dpo_sweep import cache_files, checkpoint, distributed, models, names, paths, reference, tracking
 from dpo_sweep.config import ConfigError, objective_spec, validate
 from dpo_sweep.gen_eval import build_gen_eval
 from dpo_sweep.logprobs import apply_prompt_sharing, decide_prompt_sharing
+from dpo_sweep.pairs import DataError
 from dpo_sweep.setup import RunSetup, prepare_run
 from dpo_sweep.sft import sft_stage
 from dpo_sweep.trainer import EvalCallback, Trainer, TrialStopped
@@ -76,9 +78,12 @@ def shard_with_reference(cfg: DictConfig, policy, run: RunSetup, cwd: Optional[s
     return reference.LiveReference(ref_model, run.autocast, head_only=False)
 
 
-def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[EvalCallback] = ()) -> Objective:
+def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[EvalCallback] = (),
+              record: Optional[Dict[str, Any]] = None) -> Objective:
     """Train once as `cfg` says; write metrics.json (and the model) to the run folder, then log to
-    MLflow; return the objective (a tuple when `objective.metric` is a list)."""
+    MLflow; return the objective (a tuple when `objective.metric` is a list). `record`, when
+    given, receives where the results went: `out_dir`, `metrics`, and the MLflow `uri`,
+    `experiment_id` and `run_id` once the run exists."""
     validate(cfg)
     hydra_out, cwd = hydra_dirs()
     out_dir = out_dir or hydra_out or os.getcwd()
@@ -90,24 +95,33 @@ def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[
     if main and cfg.tracking.enabled:  # a run of this folder whose process was killed ends KILLED
         tracking.end_dead_runs(tracking.resolve_uri(cfg.tracking.uri, cwd), cfg.tracking.experiment, out_dir)
     tracker = tracking.start_run(cfg, run_name=os.path.basename(out_dir), cwd=cwd) if main else None
+    record = {} if record is None else record
+    record["out_dir"] = out_dir
+    if tracker:
+        record.update(uri=tracker.uri, experiment_id=tracker.experiment_id, run_id=tracker.run_id)
     status, pruned = "FAILED", False
     try:
         if tracker:
             tracker.set_tags({names.RUN_DIR: os.path.abspath(out_dir), names.RUN_OWNER: tracking.process_owner()})
             tracker.log_params(tracking.flatten(cfg))
+        written = len(cache_files.WRITTEN)
         metrics, step, files = _train(cfg, out_dir, cwd, tracker, on_eval)
+        built = sorted({cache_files.kind(p) for p in cache_files.WRITTEN[written:]})  # in this run's duration
+        record["metrics"] = metrics
         objective = objective_values(cfg, metrics)
         if main:  # the results on disk first: a store that refuses them (full) loses nothing
             spec = [m for m, _ in objective_spec(cfg)]  # `auto` resolved
             metric = spec if OmegaConf.is_list(cfg.objective.metric) else spec[0]
             write_results(out_dir, {"objective": objective, "objective_metric": metric, "step": step,
-                                    "metrics": metrics})
+                                    "metrics": metrics, "caches_built": built})
             checkpoints = paths.checkpoint_dir(out_dir)
             if cfg.trainer == "dpo_sweep" and os.path.isdir(checkpoints):
                 shutil.rmtree(checkpoints)  # finished: the checkpoint is no longer needed
         if tracker:
             for path in files:
                 tracker.log_artifact(path)
+            if built:
+                tracker.set_tags({names.CACHES_BUILT: ",".join(built)})
             tracking.log_results(tracker, out_dir, objective)
             if cfg.train.save_model and os.path.isdir(paths.model_dir(out_dir)):  # the UI's Model column
                 model_id = tracker.log_model(paths.model_dir(out_dir), name="dpo-policy", step=step)
@@ -124,6 +138,76 @@ def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[
         if pruned:  # every rank stops at the same step (sweep.trial_reporter); none may exit, and
             distributed.barrier()  # have torchrun end the others, while rank 0 still ends its run
         distributed.close()
+
+
+# ---------------------------------------------------------------------------- the command line
+
+# Errors that say what to change (a config value, a data row, a file): one line, no traceback.
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, checkpoint.CheckpointError)
+
+
+def run_from_cli(cfg: DictConfig) -> Objective:
+    """`python -m dpo_sweep` without -m: run_trial, then a summary of where the results went.
+    A config, data or missing-file error ends it with one `error: ...` line on stderr (exit 2);
+    Ctrl-C with one line naming what was saved and the command that resumes (exit 130)."""
+    from dpo_sweep.preflight import INTERRUPTED_STATUS, exit_with
+
+    record: Dict[str, Any] = {}
+    try:
+        objective = run_trial(cfg, record=record)
+    except USER_ERRORS as e:
+        exit_with(e)
+    except KeyboardInterrupt:
+        out_dir = record.get("out_dir") or hydra_dirs()[0] or os.getcwd()
+        print(interrupted_message(cfg, out_dir), file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_STATUS) from None
+    if distributed.is_main():
+        print(run_summary(cfg, record), flush=True)
+    return objective
+
+
+def interrupted_message(cfg: DictConfig, out_dir: str) -> str:
+    """After Ctrl-C: what the run left on disk and the command that goes on from there."""
+    from dpo_sweep.preflight import command_line
+
+    folder = paths.shown(os.path.abspath(out_dir))
+    saved = paths.checkpoint_file(out_dir)
+    if cfg.trainer == "dpo_sweep" and os.path.exists(saved):
+        what = f"the run folder {folder} with its checkpoint {paths.shown(os.path.abspath(saved))}"
+    else:
+        what = f"the run folder {folder} (no checkpoint: train.checkpoint_every=0; a resume starts at step 0)"
+    command = command_line({"train.resume": "true", "hydra.run.dir": folder})
+    return f"interrupted: saved {what}; resume with: {command}"
+
+
+def run_summary(cfg: DictConfig, record: Dict[str, Any]) -> str:
+    """Final eval metrics (the objective and eval/gen/*), the run folder, the MLflow run and how
+    to open it."""
+    metrics = record.get("metrics", {})
+    wanted = [m for m, _ in objective_spec(cfg)]
+    wanted += sorted(k for k in metrics if k.startswith("eval/gen/") and k not in wanted)
+    shown = ", ".join(f"{k}={metrics[k]:.4g}" + (" (objective)" if i < len(objective_spec(cfg)) else "")
+                      for i, k in enumerate(wanted) if k in metrics)
+    lines = [f"final eval: {shown}", f"run folder: {paths.shown(os.path.abspath(record['out_dir']))}"]
+    if record.get("run_id"):
+        lines += [f"MLflow run: {record['run_id']}"]
+        lines += mlflow_ui_lines(record["uri"], record["experiment_id"], record["run_id"])
+    else:
+        lines += ["MLflow: off (tracking.enabled=false)"]
+    return "\n".join(lines)
+
+
+def mlflow_ui_lines(uri: str, experiment_id: str, run_id: str) -> List[str]:
+    """How to look at run `run_id` in MLflow's UI: the command that serves the store `uri` (none
+    for a tracking server) and the run's URL. `workflowType=machine_learning`: MLflow 3's UI
+    otherwise opens on its GenAI overview."""
+    from dpo_sweep.credentials import mask
+
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return [f"open: {mask(uri).rstrip('/')}/{page}"]
+    store = paths.shown(uri) if uri.startswith("sqlite:///") else mask(uri)
+    return [f"open: mlflow ui --backend-store-uri {store}", f"  then http://127.0.0.1:5000/{page}"]
 
 
 def write_results(out_dir: str, result: Dict[str, Any]) -> None:

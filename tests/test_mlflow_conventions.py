@@ -85,3 +85,17 @@ def test_system_metrics_when_asked(two_sweeps):
     assert "system/cpu_utilization_percentage" in sampled.data.metrics
     unsampled = next(r for r in runs if r.info.run_name == "t0 beta=0.1")
     assert not [k for k in unsampled.data.metrics if k.startswith("system/")]
+
+
+def test_the_trial_that_built_the_shared_caches_says_so(two_sweeps):
+    """Its duration includes the SFT stage and the reference caches; the table marks it."""
+    from dpo_sweep.report_data import to_trial
+    from dpo_sweep.results import DURATION, duration_note
+    from dpo_sweep.tracking import get_run
+
+    client, _, runs = two_sweeps
+    first, second = (next(r for r in runs if r.info.run_name == n) for n in ("t0 beta=0.1", "t1 beta=0.2"))
+    assert first.data.tags["caches_built"] == "reflogps,refsamples,sft" and "caches_built" not in second.data.tags
+    uri = client.tracking_uri
+    built = to_trial(uri, 0, get_run(uri, first.info.run_id), ["eval/gen/reward"])
+    assert DURATION[1](built).endswith(" *") and "SFT weights" in duration_note([built])

@@ -3,8 +3,10 @@ and plots on the MLflow parent run; then the parent's final status, whatever hap
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from typing import Any, Dict, List, Sequence
@@ -13,13 +15,17 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from dpo_sweep import names, paths, results, tracking
+from dpo_sweep.config import ConfigError
+from dpo_sweep.pairs import DataError
 from dpo_sweep.sweep.space import describe
-from dpo_sweep.sweep.state import Sweep
+from dpo_sweep.sweep.state import Sweep, SweepError
 from dpo_sweep.sweep.study import is_finished
 
 log = logging.getLogger(__name__)
 # Parameter importances (a fANOVA fit on the trials) from fewer complete trials than this are noise.
 MIN_IMPORTANCE_TRIALS = 10
+# Errors that stop a sweep and say what to change: one line, no traceback (sweeper.sweep).
+SWEEP_ERRORS = (ConfigError, DataError, FileNotFoundError, SweepError)
 
 
 def finish(sw: Sweep, status: str) -> None:
@@ -31,11 +37,42 @@ def finish(sw: Sweep, status: str) -> None:
         print(results_table(sw, trials), flush=True)
         if sw.parent:
             log_to_parent(sw, trials, summary)
+        print(where_results_went(sw), flush=True)
     except Exception:  # the sweep's own outcome matters more than its report
         log.exception("could not write the sweep's results")
     finally:
         if sw.parent:
             sw.parent.end(status)
+
+
+def where_results_went(sw: Sweep) -> str:
+    """The footer of the table: the sweep folder, the MLflow parent run and how to open it, and
+    the command that draws the report."""
+    from dpo_sweep.run import mlflow_ui_lines
+
+    folder = paths.shown(sw.sweep_dir)
+    lines = [f"sweep folder: {folder}"]
+    if sw.parent:
+        lines += [f"MLflow parent run: {sw.parent.run_id}"]
+        lines += mlflow_ui_lines(sw.parent.uri, sw.parent.experiment_id, sw.parent.run_id)
+    lines += [f"report: python -m dpo_sweep.report {folder}"]
+    return "\n".join(lines)
+
+
+def interrupted(sweep_dir: str) -> None:
+    """After Ctrl-C: one line naming the sweep folder, its finished trials and the command that
+    resumes the sweep; exit status 130."""
+    from dpo_sweep.preflight import INTERRUPTED_STATUS, command_line
+
+    sweep_dir = os.path.abspath(sweep_dir)
+    done = sorted(int(n) for n in (os.listdir(sweep_dir) if os.path.isdir(sweep_dir) else [])
+                  if n.isdigit() and os.path.exists(paths.metrics_file(paths.trial_dir(sweep_dir, int(n)))))
+    folder = paths.shown(sweep_dir)
+    trials = f"finished trials {', '.join(map(str, done))}" if done else "no finished trial"
+    command = command_line({"hydra.sweep.dir": folder})
+    print(f"interrupted: saved the sweep folder {folder} ({trials}); resume with: {command}", file=sys.stderr,
+          flush=True)
+    raise SystemExit(INTERRUPTED_STATUS) from None
 
 
 def to_result(trial: FrozenTrial) -> results.TrialResult:
@@ -48,8 +85,18 @@ def to_result(trial: FrozenTrial) -> results.TrialResult:
         interrupted=results.is_interrupted(state, trial.user_attrs),
         last_report=(last, trial.intermediate_values[last]) if last is not None else None,
         duration_s=trial.duration.total_seconds() if trial.duration else None,
-        error=trial.user_attrs.get(names.ERROR),
+        error=trial.user_attrs.get(names.ERROR), built=caches_built(trial),
     )
+
+
+def caches_built(trial: FrozenTrial) -> tuple:
+    """The shared caches a finished trial built, as its metrics.json says (names.FOLDER: its folder)."""
+    folder = trial.user_attrs.get(names.FOLDER)
+    try:
+        with open(paths.metrics_file(folder)) as f:
+            return tuple(json.load(f).get("caches_built", ()))
+    except (OSError, TypeError, ValueError):
+        return ()
 
 
 def best_trials(sw: Sweep, trials: Sequence[FrozenTrial]) -> List[FrozenTrial]:
@@ -91,6 +138,8 @@ def results_table(sw: Sweep, trials: Sequence[FrozenTrial]) -> str:
     title = f"study {sw.study.study_name}: {', '.join(f'{m} ({d})' for m, d in zip(sw.metrics, sw.directions))}"
     errors = results.error_lines(ranked)
     body = [title, results.text_table(*results.table_rows(ranked, columns))]
+    note = results.duration_note(ranked)
+    body += [note] if note else []
     return "\n".join(body + (["failed:"] + [f"  {e}" for e in errors] if errors else []))
 
 
