@@ -6,10 +6,10 @@
 | `space` | the search space: Hydra sweep overrides to Optuna distributions, grid points |
 | `study` | storage, study creation and resumption, sampler, pruner, trials a dead sweeper left |
 | `state` | `Sweep`: what one invocation works with |
-| `placement` | a trial's folder and overrides, its GPU among parallel trials |
+| `placement` | a trial's folder and overrides, its GPU (its worker slot's) among parallel trials |
 | `resume` | interrupted points run again from their checkpoints |
 | `lineage` | the MLflow parent run and the tags of each trial's run |
-| `loop` | prepare, then ask / launch / tell until done (`run_sweep`) |
+| `loop` | prepare, then ask / launch / tell until done (`run_sweep`): a trial as a worker frees up, or batches |
 | `summary` | the end: optimization_results.yaml, the table, the parent's results and plots |
 
 The Hydra plugin (`hydra_plugins/dpo_sweep_sweeper`) calls `run_sweep`. A trial reports its evals
@@ -19,10 +19,10 @@ The names below are importable from `dpo_sweep.sweep` as well as from their modu
 """
 
 from dpo_sweep.sweep.lineage import child_runs, open_parent, run_tags, settle_child_runs, tag_child_runs
-from dpo_sweep.sweep.loop import (FolderResult, ask_at, ask_batch, launch, pending_points, prepare, run_batches,
-                                  run_sweep, tell)
-from dpo_sweep.sweep.placement import (JOBLIB_LAUNCHER, PLACEMENT_KEYS, gpu_slots, job_dir, pin_gpus, pins_gpus,
-                                       trial_overrides)
+from dpo_sweep.sweep.loop import (FolderResult, Workers, ask_at, ask_batch, dispatches, launch, pending_points, prepare,
+                                  run_batches, run_dispatched, run_sweep, tell)
+from dpo_sweep.sweep.placement import (JOBLIB_LAUNCHER, PLACEMENT_KEYS, gpu_slots, job_dir, launcher_target, pin_gpus,
+                                       pins_gpus, trial_overrides)
 from dpo_sweep.sweep.resume import (checkpoint_file, checkpoint_step, place_file, resume_from_checkpoint,
                                     resume_source, retry_points, same_training, training_overrides)
 from dpo_sweep.sweep.settings import PRUNERS, SAMPLERS, SweepSettings, check_grid
@@ -34,10 +34,11 @@ from dpo_sweep.sweep.summary import finish, results_table, write_results
 
 __all__ = [
     "FolderResult", "JOBLIB_LAUNCHER", "PLACEMENT_KEYS", "PRUNERS", "SAMPLERS", "Sweep", "SweepError", "SweepSettings",
-    "ask_at", "ask_batch", "build_pruner", "build_sampler", "check_grid", "checkpoint_file", "checkpoint_step",
-    "child_runs", "finish", "gpu_slots", "in_space", "is_finished", "job_dir", "launch", "open_parent",
+    "Workers", "ask_at", "ask_batch", "build_pruner", "build_sampler", "check_grid", "checkpoint_file",
+    "checkpoint_step", "child_runs", "dispatches", "finish", "gpu_slots", "in_space", "is_finished", "job_dir",
+    "launch", "launcher_target", "open_parent",
     "open_storage", "open_study", "owner_id", "pending_points", "pin_gpus", "pins_gpus", "place_file", "prepare",
     "recover_interrupted", "resume_from_checkpoint", "resume_source", "results_table", "retry_points",
-    "run_batches", "run_sweep", "run_tags", "same_training", "settle_child_runs", "storage_location",
+    "run_batches", "run_dispatched", "run_sweep", "run_tags", "same_training", "settle_child_runs", "storage_location",
     "tag_child_runs", "tell", "trial_id", "trial_overrides", "training_overrides", "write_results",
 ]

@@ -45,7 +45,7 @@ def training_overrides(overrides: Sequence[str]) -> List[str]:
 
 
 def pins_gpus(launcher_target: str, n_jobs: int, device: str, trainer: str, swept: Sequence[str]) -> bool:
-    """Whether the trials of a batch share this machine's GPUs and should each get one: the
+    """Whether parallel trials share this machine's GPUs and should each get one: the
     joblib launcher runs them at the same time (n_jobs > 1), `train.device` is left to pick a GPU
     (auto or cuda), our trainer runs them (TRL's picks its GPU itself), and neither key is among
     the `swept` keys. Other launchers place their jobs themselves (SLURM sets CUDA_VISIBLE_DEVICES
@@ -55,21 +55,31 @@ def pins_gpus(launcher_target: str, n_jobs: int, device: str, trainer: str, swep
 
 
 def gpu_slots(batch_size: int, gpu_count: int) -> List[Optional[int]]:
-    """The GPU of each trial of a parallel batch: its index in the batch modulo the GPU count
-    (0, 1, 0, 1 for four trials on two GPUs); None for every trial with fewer than two GPUs."""
+    """The GPU of each of `batch_size` worker slots (a slot runs one trial at a time): its index
+    modulo the GPU count (0, 1, 0, 1 for four slots on two GPUs); None for every slot with fewer
+    than two GPUs."""
     if gpu_count < 2:
         return [None] * batch_size
     return [i % gpu_count for i in range(batch_size)]
 
 
-def pin_gpus(sweeper, sw: Sweep, jobs: List[List[str]]) -> List[List[str]]:
-    """The batch's jobs, each with `train.device=cuda:<slot>` added when `pins_gpus` says so and
-    CUDA sees several devices (torch is imported only then: the sweeper does not need it)."""
-    target = str(OmegaConf.select(sweeper.config, "hydra.launcher._target_", default=""))
+def launcher_target(sweeper) -> str:
+    """The `_target_` of the sweep's Hydra launcher."""
+    return str(OmegaConf.select(sweeper.config, "hydra.launcher._target_", default=""))
+
+
+def pin_gpus(sweeper, sw: Sweep, jobs: List[List[str]], slots: Optional[Sequence[int]] = None) -> List[List[str]]:
+    """The jobs, each with `train.device=cuda:<gpu>` added when `pins_gpus` says so and CUDA sees
+    several devices (torch is imported only then: the sweeper does not need it). The GPU is that
+    of the job's worker slot (`slots`; by default its place in the batch), so that trials running
+    at the same time, in different slots, get different GPUs while there are enough of them."""
     swept = [d.key.lstrip("+~") for d in sw.dims]
-    if not pins_gpus(target, sw.settings.n_jobs, str(sw.base.train.device), str(sw.base.trainer), swept):
+    if not pins_gpus(launcher_target(sweeper), sw.settings.n_jobs, str(sw.base.train.device), str(sw.base.trainer),
+                     swept):
         return jobs
     import torch
 
-    slots = gpu_slots(len(jobs), torch.cuda.device_count())
-    return [job + ([f"train.device=cuda:{slot}"] if slot is not None else []) for job, slot in zip(jobs, slots)]
+    slots = list(range(len(jobs))) if slots is None else list(slots)
+    gpus = gpu_slots(max(slots, default=-1) + 1, torch.cuda.device_count())
+    return [job + ([f"train.device=cuda:{gpus[slot]}"] if gpus[slot] is not None else [])
+            for job, slot in zip(jobs, slots)]

@@ -32,7 +32,8 @@ class DPOOptunaSweeperConf:
     # Trials to finish in the study (a resumed sweep counts those already finished); null: the
     # full grid, each point once, when every dimension is a list, choice() or range().
     n_trials: Optional[int] = None
-    # Trials asked and launched together through hydra/launcher (joblib: in parallel).
+    # Trials running at a time through hydra/launcher (joblib: in parallel, a new one as soon as one
+    # ends; other launchers: in batches).
     n_jobs: int = 1
     # null: the sweep folder's name. Rerunning with the same folder (hydra.sweep.dir) resumes.
     study_name: Optional[str] = None
