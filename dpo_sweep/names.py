@@ -34,7 +34,7 @@ RUN_OWNER = "run_owner"  # any run: "host:pid" of its process; left RUNNING by a
 PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own nesting tag
 DATA_CONTEXT = "mlflow.data.context"
 REGISTERED_MODEL = "best.registered_model"  # parent: the registered model version of the best trial
-CACHES_BUILT = "caches_built"  # any run: the shared caches it built (sft,reflogps,refsamples), in its duration
+CACHES_BUILT = "caches_built"  # any run (tag, and key of metrics.json): the shared caches it built, in its duration
 MODEL_ID = "model_id"  # any run that logged its trained model (train.save_model=true): the MLflow model id  # a run input's role: train, eval
 NOTE = "mlflow.note.content"  # MLflow's run description (markdown), shown on the run's page
 # -- MLflow experiment tags

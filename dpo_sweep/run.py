@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_sweep import cache_files, checkpoint, distributed, models, names, paths, reference, tracking
+from dpo_sweep import cache_files, checkpoint, console, distributed, models, names, paths, reference, tracking
 from dpo_sweep.config import ConfigError, objective_spec, validate
 from dpo_sweep.gen_eval import build_gen_eval
 from dpo_sweep.logprobs import apply_prompt_sharing, decide_prompt_sharing
@@ -113,7 +113,7 @@ def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[
             spec = [m for m, _ in objective_spec(cfg)]  # `auto` resolved
             metric = spec if OmegaConf.is_list(cfg.objective.metric) else spec[0]
             write_results(out_dir, {"objective": objective, "objective_metric": metric, "step": step,
-                                    "metrics": metrics, "caches_built": built})
+                                    "metrics": metrics, names.CACHES_BUILT: built})
             checkpoints = paths.checkpoint_dir(out_dir)
             if cfg.trainer == "dpo_sweep" and os.path.isdir(checkpoints):
                 shutil.rmtree(checkpoints)  # finished: the checkpoint is no longer needed
@@ -159,55 +159,11 @@ def run_from_cli(cfg: DictConfig) -> Objective:
         exit_with(e)
     except KeyboardInterrupt:
         out_dir = record.get("out_dir") or hydra_dirs()[0] or os.getcwd()
-        print(interrupted_message(cfg, out_dir), file=sys.stderr, flush=True)
+        print(console.interrupted_message(cfg, out_dir), file=sys.stderr, flush=True)
         raise SystemExit(INTERRUPTED_STATUS) from None
     if distributed.is_main():
-        print(run_summary(cfg, record), flush=True)
+        print(console.run_summary(cfg, record), flush=True)
     return objective
-
-
-def interrupted_message(cfg: DictConfig, out_dir: str) -> str:
-    """After Ctrl-C: what the run left on disk and the command that goes on from there."""
-    from dpo_sweep.preflight import command_line
-
-    folder = paths.shown(os.path.abspath(out_dir))
-    saved = paths.checkpoint_file(out_dir)
-    if cfg.trainer == "dpo_sweep" and os.path.exists(saved):
-        what = f"the run folder {folder} with its checkpoint {paths.shown(os.path.abspath(saved))}"
-    else:
-        what = f"the run folder {folder} (no checkpoint: train.checkpoint_every=0; a resume starts at step 0)"
-    command = command_line({"train.resume": "true", "hydra.run.dir": folder})
-    return f"interrupted: saved {what}; resume with: {command}"
-
-
-def run_summary(cfg: DictConfig, record: Dict[str, Any]) -> str:
-    """Final eval metrics (the objective and eval/gen/*), the run folder, the MLflow run and how
-    to open it."""
-    metrics = record.get("metrics", {})
-    wanted = [m for m, _ in objective_spec(cfg)]
-    wanted += sorted(k for k in metrics if k.startswith("eval/gen/") and k not in wanted)
-    shown = ", ".join(f"{k}={metrics[k]:.4g}" + (" (objective)" if i < len(objective_spec(cfg)) else "")
-                      for i, k in enumerate(wanted) if k in metrics)
-    lines = [f"final eval: {shown}", f"run folder: {paths.shown(os.path.abspath(record['out_dir']))}"]
-    if record.get("run_id"):
-        lines += [f"MLflow run: {record['run_id']}"]
-        lines += mlflow_ui_lines(record["uri"], record["experiment_id"], record["run_id"])
-    else:
-        lines += ["MLflow: off (tracking.enabled=false)"]
-    return "\n".join(lines)
-
-
-def mlflow_ui_lines(uri: str, experiment_id: str, run_id: str) -> List[str]:
-    """How to look at run `run_id` in MLflow's UI: the command that serves the store `uri` (none
-    for a tracking server) and the run's URL. `workflowType=machine_learning`: MLflow 3's UI
-    otherwise opens on its GenAI overview."""
-    from dpo_sweep.credentials import mask
-
-    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-    if uri.startswith(("http://", "https://")):
-        return [f"open: {mask(uri).rstrip('/')}/{page}"]
-    store = paths.shown(uri) if uri.startswith("sqlite:///") else mask(uri)
-    return [f"open: mlflow ui --backend-store-uri {store}", f"  then http://127.0.0.1:5000/{page}"]
 
 
 def write_results(out_dir: str, result: Dict[str, Any]) -> None:

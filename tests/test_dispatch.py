@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from conftest import FAST, REPO
 from dpo_sweep import names
 from dpo_sweep.sweep import JOBLIB_LAUNCHER, Sweep, SweepError, dispatches, pin_gpus, run_batches
-from dpo_sweep.sweep import loop
+from dpo_sweep.sweep import dispatch
 from dpo_sweep.sweep.space import Dimension
 
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
@@ -113,7 +113,7 @@ def test_too_many_failures_stop_asking_and_the_running_trials_are_told_first(tmp
 
 def test_ctrl_c_stops_the_running_trials_and_marks_them_interrupted(tmp_path, monkeypatch):
     stopped = []
-    monkeypatch.setattr(loop, "stop_joblib_workers", lambda: stopped.append(True))
+    monkeypatch.setattr(dispatch, "stop_joblib_workers", lambda: stopped.append(True))
     main = threading.main_thread().ident
 
     def on_start(number):  # Ctrl-C once trial 2 is launched (trial 0 has ended, 1 still runs)

@@ -9,7 +9,9 @@
 | `placement` | a trial's folder and overrides, its GPU (its worker slot's) among parallel trials |
 | `resume` | interrupted points run again from their checkpoints |
 | `lineage` | the MLflow parent run and the tags of each trial's run |
-| `loop` | prepare, then ask / launch / tell until done (`run_sweep`): a trial as a worker frees up, or batches |
+| `loop` | prepare, then run the trials until done (`run_sweep`), batch by batch or dispatched |
+| `trials` | one trial's life: asked, launched through Hydra's launcher, told; failures counted |
+| `dispatch` | with joblib and `n_jobs > 1`: a trial the moment a worker slot frees up |
 | `summary` | the end: optimization_results.yaml, the table, the parent's results and plots |
 
 The Hydra plugin (`hydra_plugins/dpo_sweep_sweeper`) calls `run_sweep`. A trial reports its evals
@@ -19,8 +21,9 @@ The names below are importable from `dpo_sweep.sweep` as well as from their modu
 """
 
 from dpo_sweep.sweep.lineage import child_runs, open_parent, run_tags, settle_child_runs, tag_child_runs
-from dpo_sweep.sweep.loop import (FolderResult, Workers, ask_at, ask_batch, dispatches, launch, pending_points, prepare,
-                                  run_batches, run_dispatched, run_sweep, tell)
+from dpo_sweep.sweep.dispatch import Workers, dispatches, run_dispatched
+from dpo_sweep.sweep.loop import prepare, run_batches, run_sweep
+from dpo_sweep.sweep.trials import FolderResult, ask_at, ask_batch, launch, pending_points, tell
 from dpo_sweep.sweep.placement import (JOBLIB_LAUNCHER, PLACEMENT_KEYS, gpu_slots, job_dir, launcher_target, pin_gpus,
                                        pins_gpus, trial_overrides)
 from dpo_sweep.sweep.resume import (checkpoint_file, checkpoint_step, place_file, resume_from_checkpoint,

@@ -48,7 +48,7 @@ def finish(sw: Sweep, status: str) -> None:
 def where_results_went(sw: Sweep) -> str:
     """The footer of the table: the sweep folder, the MLflow parent run and how to open it, and
     the command that draws the report."""
-    from dpo_sweep.run import mlflow_ui_lines
+    from dpo_sweep.console import mlflow_ui_lines
 
     folder = paths.shown(sw.sweep_dir)
     lines = [f"sweep folder: {folder}"]
@@ -94,7 +94,7 @@ def caches_built(trial: FrozenTrial) -> tuple:
     folder = trial.user_attrs.get(names.FOLDER)
     try:
         with open(paths.metrics_file(folder)) as f:
-            return tuple(json.load(f).get("caches_built", ()))
+            return tuple(json.load(f).get(names.CACHES_BUILT, ()))
     except (OSError, TypeError, ValueError):
         return ()
 
