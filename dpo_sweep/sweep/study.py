@@ -10,13 +10,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import socket
 from typing import Any, Dict, List, Optional
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dpo_sweep import credentials, names, paths
+from dpo_sweep import credentials, names, paths, tracking
 from dpo_sweep.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -122,28 +121,15 @@ def is_finished(trial: FrozenTrial) -> bool:
 
 
 def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _owner_is_dead(owner: str) -> bool:
-    """True when `owner` ("host:pid") is a process of this machine that no longer runs."""
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False  # another machine's sweeper: it may still run
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    """"host:pid" of this sweeper: the owner of the trials it asks, as of the runs it starts."""
+    return tracking.process_owner()
 
 
 def recover_interrupted(study: optuna.Study, storage) -> List[FrozenTrial]:
     """Trials left RUNNING by a sweeper of this machine that died (killed, crashed): told FAIL
     and marked interrupted, so that they do not count and their grid points run again."""
     stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-             if _owner_is_dead(str(t.user_attrs.get(names.OWNER, "")))]
+             if tracking.owner_is_dead(str(t.user_attrs.get(names.OWNER, "")))]
     for t in stale:
         storage.set_trial_user_attr(trial_id(storage, study, t.number), names.INTERRUPTED, True)
         storage.set_trial_user_attr(trial_id(storage, study, t.number), names.ERROR, "interrupted: its sweeper died")
