@@ -98,6 +98,8 @@ def interrupt(tmp, args, checkpoint_glob):
     deadline = time.time() + 90
     while not list(tmp.glob(checkpoint_glob)) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]  # still training
+    time.sleep(0.5)  # in the steps after that checkpoint, not inside its save
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     return proc.returncode, err
@@ -107,7 +109,7 @@ def test_ctrl_c_run_says_how_to_resume(tmp_path):
     long = [*SMALL, "train.max_steps=100000", "train.checkpoint_every=2", "eval.gen.enabled=false",
             "hydra.run.dir=outputs/run"]
     rc, err = interrupt(tmp_path, long, "outputs/run/checkpoint/checkpoint.pt")
-    assert rc == 130 and "Traceback" not in err
+    assert rc == 130 and "Traceback" not in err, err[-3000:]
     [line] = [x for x in lines(err) if not x.startswith("20")]  # MLflow's own lines creating the store
     assert line.startswith("interrupted: saved the run folder outputs/run with its checkpoint")
     assert "python -m dpo_sweep " in line and "train.resume=true hydra.run.dir=outputs/run" in line
@@ -117,7 +119,7 @@ def test_ctrl_c_sweep_says_how_to_resume(tmp_path):
     long = ["-m", *SMALL, "train.max_steps=100000", "train.checkpoint_every=2", "eval.gen.enabled=false",
             "beta=0.1,0.5", "hydra.sweep.dir=sweep"]
     rc, err = interrupt(tmp_path, long, "sweep/0/checkpoint/checkpoint.pt")
-    assert rc == 130 and "Traceback" not in err
+    assert rc == 130 and "Traceback" not in err, err[-3000:]
     [line] = [x for x in lines(err) if x.startswith("interrupted")]
     assert "sweep folder sweep (no finished trial)" in line
     assert line.endswith("hydra.sweep.dir=sweep") and "python -m dpo_sweep -m " in line
