@@ -13,9 +13,10 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
-import torch
+if TYPE_CHECKING:  # torch is not imported here: the sweeper checks checkpoints without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +26,14 @@ SIDECAR = ".sha256"
 WRITTEN: List[str] = []
 
 
-def _digest(path: str) -> Dict[str, Any]:
-    h = hashlib.sha256()
+def sha256_of(path: str) -> str:
+    """The sha256 of a file's bytes (cache files here, checkpoints in dpo_sweep/checkpoint.py)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"sha256": h.hexdigest(), "size": os.path.getsize(path)}
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _digest(path: str) -> Dict[str, Any]:
+    return {"sha256": sha256_of(path), "size": os.path.getsize(path)}
 
 
 def _write(path: str, write: Callable[[str], None]) -> None:

@@ -13,11 +13,12 @@ torch is imported only by the functions that need it: the sweeper verifies check
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 from typing import Any, Dict, List, Optional, Tuple
+
+from dpo_sweep import cache_files
 
 History = List[Dict[str, float]]  # train metrics, one dict an optimizer step
 Settings = Dict[str, str]  # the run's config as dotted keys, values as text (tracking.flatten)
@@ -50,11 +51,6 @@ def set_rng_states(states: dict) -> None:
 def manifest_file(path: str) -> str:
     """The manifest beside the checkpoint `path`: checkpoint.pt -> checkpoint.json."""
     return os.path.splitext(path)[0] + ".json"
-
-
-def sha256_of(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def resume_settings(flat: Settings) -> Settings:
@@ -95,7 +91,7 @@ def save(path: str, step: int, model, optimizer, scheduler, history: History,
     tmp, manifest, manifest_tmp = f"{path}.tmp", manifest_file(path), f"{manifest_file(path)}.tmp"
     _write_synced(tmp, lambda f: torch.save(state, f))
     record = {"version": MANIFEST_VERSION, "file": os.path.basename(path), "size": os.path.getsize(tmp),
-              "sha256": sha256_of(tmp), "step": step,
+              "sha256": cache_files.sha256_of(tmp), "step": step,
               "settings": None if settings is None else resume_settings(settings)}
     _write_synced(manifest_tmp, lambda f: f.write(json.dumps(record, indent=1).encode()))
     os.replace(tmp, path)
@@ -120,7 +116,7 @@ def _mismatch(path: str, record: Dict[str, Any]) -> Optional[str]:
         size = os.path.getsize(path)
         if size != record["size"]:
             return f"checkpoint {path} is {size} bytes, {record['size']} when it was written: truncated or damaged"
-        if sha256_of(path) != record["sha256"]:
+        if cache_files.sha256_of(path) != record["sha256"]:
             return f"checkpoint {path} does not match the sha256 recorded when it was written: damaged"
     except OSError as e:
         return f"checkpoint {path} cannot be read ({type(e).__name__}: {e})"
