@@ -4,6 +4,8 @@ look at them, or after Ctrl-C what was saved and the command that goes on from t
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from typing import Any, Dict, List
 
 from omegaconf import DictConfig
@@ -11,10 +13,18 @@ from omegaconf import DictConfig
 from dpo_sweep import paths
 from dpo_sweep.config import objective_spec
 
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
+def command_line(set_keys: Dict[str, str]) -> str:
+    """This process's command line as `python -m dpo_sweep ...`, with the overrides `set_keys`
+    replacing any of the same keys: the command that continues what this one started."""
+    kept = [a for a in sys.argv[1:] if a.split("=", 1)[0].lstrip("+~") not in set_keys]
+    return shlex.join(["python", "-m", "dpo_sweep", *kept, *(f"{k}={v}" for k, v in set_keys.items())])
+
 
 def interrupted_message(cfg: DictConfig, out_dir: str) -> str:
     """After Ctrl-C: what the run left on disk and the command that goes on from there."""
-    from dpo_sweep.preflight import command_line
 
     folder = paths.shown(os.path.abspath(out_dir))
     saved = paths.checkpoint_file(out_dir)

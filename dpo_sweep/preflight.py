@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shlex
 import sys
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
@@ -31,7 +30,6 @@ SWEEPER = "hydra_plugins.dpo_sweep_sweeper.dpo_optuna_sweeper.DPOOptunaSweeper"
 # (every value or bound, the others at their first), which still names every bad value.
 MAX_POINTS = 2000
 EXIT_STATUS = 2  # as argparse's usage errors
-INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 class Preflight(Callback):
@@ -61,13 +59,6 @@ def exit_with(error: BaseException, status: int = EXIT_STATUS) -> None:
         traceback.print_exc()
     print("error: " + " ".join(str(error).split()), file=sys.stderr, flush=True)
     raise SystemExit(status) from None
-
-
-def command_line(set_keys: Dict[str, str]) -> str:
-    """This process's command line as `python -m dpo_sweep ...`, with the overrides `set_keys`
-    replacing any of the same keys: the command that continues what this one started."""
-    kept = [a for a in sys.argv[1:] if a.split("=", 1)[0].lstrip("+~") not in set_keys]
-    return shlex.join(["python", "-m", "dpo_sweep", *kept, *(f"{k}={v}" for k, v in set_keys.items())])
 
 
 # ---------------------------------------------------------------------------- sweeps

@@ -150,7 +150,8 @@ def run_from_cli(cfg: DictConfig) -> Objective:
     """`python -m dpo_sweep` without -m: run_trial, then a summary of where the results went.
     A config, data or missing-file error ends it with one `error: ...` line on stderr (exit 2);
     Ctrl-C with one line naming what was saved and the command that resumes (exit 130)."""
-    from dpo_sweep.preflight import INTERRUPTED_STATUS, exit_with
+    from dpo_sweep.console import INTERRUPTED_STATUS
+    from dpo_sweep.preflight import exit_with
 
     record: Dict[str, Any] = {}
     try:

@@ -62,7 +62,7 @@ def where_results_went(sw: Sweep) -> str:
 def interrupted(sweep_dir: str) -> None:
     """After Ctrl-C: one line naming the sweep folder, its finished trials and the command that
     resumes the sweep; exit status 130."""
-    from dpo_sweep.preflight import INTERRUPTED_STATUS, command_line
+    from dpo_sweep.console import INTERRUPTED_STATUS, command_line
 
     sweep_dir = os.path.abspath(sweep_dir)
     done = sorted(int(n) for n in (os.listdir(sweep_dir) if os.path.isdir(sweep_dir) else [])
