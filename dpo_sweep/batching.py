@@ -51,7 +51,8 @@ def collate_shared(pairs: Sequence[Pair], pad_id: int, groups: int = ATTENTION_G
       attention_index_<g>: (n_g, T_g) for each group g: the flat row position at each position
         of its sequences (padding repeats the last real position);
       merge_index: (B, L): for each row position, its flat place in the outputs of the groups
-        laid end to end (prompt positions take the chosen sequence's; padding: 0);
+        laid end to end (prompt positions take the chosen sequence's; padding takes its row's
+        last real position's, so that no output or gradient ever passes from a row to another);
       score_index, score_labels, score_seq: (K,): for each of the K response tokens, the flat
         position whose output predicts it, the token, and its sequence (chosen b: b, rejected
         b: B + b);
@@ -109,6 +110,9 @@ def _attention_groups(pairs: Sequence[Pair], sequences: List[List[int]], groups:
                 merge_index[seq[t]] = offset + i * T + t
         out[f"attention_index_{g}"] = torch.tensor(index, dtype=torch.long).reshape(len(members), T)
         offset += len(members) * T
+    for b in range(B):  # a row's padding: its own last real output (packed trials' rows stay apart)
+        last = sequences[B + b][-1]
+        merge_index[last + 1 : (b + 1) * L] = [merge_index[last]] * ((b + 1) * L - last - 1)
     out["merge_index"] = torch.tensor(merge_index, dtype=torch.long).reshape(B, L)
     return out
 

@@ -183,8 +183,9 @@ def test_shared_prompt_layout_indices(tokenizer):
     assert b["attention_index_1"].tolist() == [[7, 8, 9], [7, 10, 10]]
     assert "attention_index_2" not in b
     # Group outputs end to end: group 0 at 0..9 (rows of 5), group 1 at 10..15 (rows of 3).
-    # The prompt takes the chosen sequence's outputs; padding takes 0.
-    assert b["merge_index"].tolist() == [[5, 6, 7, 8, 2, 3, 4], [10, 11, 12, 14, 0, 0, 0]]
+    # The prompt takes the chosen sequence's outputs; padding takes its own row's last output
+    # (never another row's: packed trials' rows must stay apart, gradients included).
+    assert b["merge_index"].tolist() == [[5, 6, 7, 8, 2, 3, 4], [10, 11, 12, 14, 14, 14, 14]]
     # Rejected token 30 is scored by the last prompt position, 31 by 30's position.
     assert b["score_labels"].tolist() == [20, 2, 30, 31, 2, 21, 2, 2]
     assert b["score_index"].tolist() == [1, 2, 1, 4, 5, 7, 8, 7]
