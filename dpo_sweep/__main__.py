@@ -23,6 +23,10 @@ def main(cfg: DictConfig) -> float:
     from dpo_sweep.run import run_from_cli, run_trial  # heavy imports after Hydra has parsed the command line
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep's trial: the sweeper reports how it ended
+        if cfg.sweep.pack:  # several trials in this process (hydra.sweeper.pack): one outcome each
+            from dpo_sweep.packing.run import run_pack_job
+
+            return run_pack_job(cfg)
         return run_trial(cfg)
     return run_from_cli(cfg)
 

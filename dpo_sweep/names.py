@@ -36,6 +36,7 @@ DATA_CONTEXT = "mlflow.data.context"
 REGISTERED_MODEL = "best.registered_model"  # parent: the registered model version of the best trial
 CACHES_BUILT = "caches_built"  # any run (tag, and key of metrics.json): the shared caches it built, in its duration
 MODEL_ID = "model_id"  # any run that logged its trained model (train.save_model=true): the MLflow model id  # a run input's role: train, eval
+PACK = "sweep.pack"  # a trial trained in a pack (hydra.sweeper.pack): the pack's trial numbers, "4,5,6,7"
 NOTE = "mlflow.note.content"  # MLflow's run description (markdown), shown on the run's page
 # -- MLflow experiment tags
 # What MLflow 3's UI opens an experiment on: without it, the GenAI overview; this value: the runs.

@@ -108,24 +108,7 @@ def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[
         metrics, step, files = _train(cfg, out_dir, cwd, tracker, on_eval)
         built = sorted({cache_files.kind(p) for p in cache_files.WRITTEN[written:]})  # in this run's duration
         record["metrics"] = metrics
-        objective = objective_values(cfg, metrics)
-        if main:  # the results on disk first: a store that refuses them (full) loses nothing
-            spec = [m for m, _ in objective_spec(cfg)]  # `auto` resolved
-            metric = spec if OmegaConf.is_list(cfg.objective.metric) else spec[0]
-            write_results(out_dir, {"objective": objective, "objective_metric": metric, "step": step,
-                                    "metrics": metrics, names.CACHES_BUILT: built})
-            checkpoints = paths.checkpoint_dir(out_dir)
-            if cfg.trainer == "dpo_sweep" and os.path.isdir(checkpoints):
-                shutil.rmtree(checkpoints)  # finished: the checkpoint is no longer needed
-        if tracker:
-            for path in files:
-                tracker.log_artifact(path)
-            if built:
-                tracker.set_tags({names.CACHES_BUILT: ",".join(built)})
-            tracking.log_results(tracker, out_dir, objective)
-            if cfg.train.save_model and os.path.isdir(paths.model_dir(out_dir)):  # the UI's Model column
-                model_id = tracker.log_model(paths.model_dir(out_dir), name="dpo-policy", step=step)
-                log.info("model logged to MLflow: models:/%s", model_id)
+        objective = record_results(cfg, out_dir, tracker, metrics, step, files, built, write=main)
         status = "FINISHED"
         distributed.barrier()  # torchrun: no rank leaves while rank 0 still writes
         return objective
@@ -138,6 +121,32 @@ def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[
         if pruned:  # every rank stops at the same step (sweep.trial_reporter); none may exit, and
             distributed.barrier()  # have torchrun end the others, while rank 0 still ends its run
         distributed.close()
+
+
+def record_results(cfg: DictConfig, out_dir: str, tracker, metrics: Dict[str, float], step: int, files: List[str],
+                   built: List[str], write: bool = True) -> Objective:
+    """A finished run's results: metrics.json (when `write`), then its MLflow run: the `files`,
+    the caches it `built`, the final metrics and saved config, the saved model. Returns the
+    objective."""
+    objective = objective_values(cfg, metrics)
+    if write:  # the results on disk first: a store that refuses them (full) loses nothing
+        spec = [m for m, _ in objective_spec(cfg)]  # `auto` resolved
+        metric = spec if OmegaConf.is_list(cfg.objective.metric) else spec[0]
+        write_results(out_dir, {"objective": objective, "objective_metric": metric, "step": step,
+                                "metrics": metrics, names.CACHES_BUILT: built})
+        checkpoints = paths.checkpoint_dir(out_dir)
+        if cfg.trainer == "dpo_sweep" and os.path.isdir(checkpoints):
+            shutil.rmtree(checkpoints)  # finished: the checkpoint is no longer needed
+    if tracker:
+        for path in files:
+            tracker.log_artifact(path)
+        if built:
+            tracker.set_tags({names.CACHES_BUILT: ",".join(built)})
+        tracking.log_results(tracker, out_dir, objective)
+        if cfg.train.save_model and os.path.isdir(paths.model_dir(out_dir)):  # the UI's Model column
+            model_id = tracker.log_model(paths.model_dir(out_dir), name="dpo-policy", step=step)
+            log.info("model logged to MLflow: models:/%s", model_id)
+    return objective
 
 
 # ---------------------------------------------------------------------------- the command line

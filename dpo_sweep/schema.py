@@ -194,6 +194,9 @@ class SweepTrialConfig:
     storage: Optional[str] = None  # Optuna storage: journal file path or database URL
     study_name: Optional[str] = None
     trial_number: Optional[int] = None
+    # Packed trials (hydra.sweeper.pack): the numbers of the other trials of this sweep that this
+    # process trains beside this one, over one frozen base model; their configs are in their folders.
+    pack: Optional[List[int]] = None
 
 
 @dataclass

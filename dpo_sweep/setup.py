@@ -48,6 +48,15 @@ def log_datasets(tracker, d: DictConfig, data) -> None:
         tracker.log_dataset(f"{name} ({context})", kind, location, digest.hexdigest()[:8], context)
 
 
+def log_data(tracker, d: DictConfig, data: PreferenceData) -> None:
+    """The data counts as `data/*` params (they describe the run, they are not curves) and the
+    splits as the run's inputs."""
+    tracker.log_params({"data/train_pairs": len(data.train), "data/eval_pairs": len(data.eval),
+                        "data/skipped_rows": data.skipped, "data/dropped_identical": data.dropped_identical,
+                        "data/lost_eos": data.lost_eos})
+    log_datasets(tracker, d, data)
+
+
 def prepare_run(cfg: DictConfig, tracker=None, device: Optional[torch.device] = None) -> RunSetup:
     """Device (`device`, else `train.device` resolved), precision, tokenizer and data; the data
     counts go to the log and, as `data/*`, to the tracker."""
@@ -63,9 +72,6 @@ def prepare_run(cfg: DictConfig, tracker=None, device: Optional[torch.device] = 
              "identical after truncation), %d responses lost their EOS to truncation (train.max_length = %d)",
              len(data.train), len(data.eval), data.skipped, data.dropped_identical, data.lost_eos,
              cfg.train.max_length)
-    if tracker:  # counts as params: they describe the run, they are not curves
-        tracker.log_params({"data/train_pairs": len(data.train), "data/eval_pairs": len(data.eval),
-                            "data/skipped_rows": data.skipped, "data/dropped_identical": data.dropped_identical,
-                            "data/lost_eos": data.lost_eos})
-        log_datasets(tracker, cfg.dataset, data)
+    if tracker:
+        log_data(tracker, cfg.dataset, data)
     return RunSetup(device, precision, reference.autocast_for(device, precision), tokenizer, data)

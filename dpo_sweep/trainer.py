@@ -80,8 +80,12 @@ class PolicyLogps(torch.nn.Module):
 
 
 def build_optimizer(model: PreTrainedModel, cfg: DictConfig) -> torch.optim.Optimizer:
-    """AdamW; biases and norm weights (1-d tensors) get no weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW over the model's trainable weights (`optimizer_for`)."""
+    return optimizer_for([p for p in model.parameters() if p.requires_grad], cfg)
+
+
+def optimizer_for(params: List[torch.nn.Parameter], cfg: DictConfig) -> torch.optim.Optimizer:
+    """AdamW over `params`; biases and norm weights (1-d tensors) get no weight decay."""
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
