@@ -62,7 +62,7 @@ class FakeLauncher:
 
 def fake_sweep(tmp_path, xs, launcher, n_jobs=2, max_failure_rate=0.5, target=JOBLIB_LAUNCHER):
     dim = Dimension("x", ",".join(map(str, xs)), CategoricalDistribution(xs), tuple(xs))
-    settings = SimpleNamespace(n_jobs=n_jobs, max_failure_rate=max_failure_rate, n_trials=None)
+    settings = SimpleNamespace(n_jobs=n_jobs, max_failure_rate=max_failure_rate, n_trials=None, pack=1)
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(storage=storage, direction="maximize")
     sw = Sweep(settings, [dim], [], OmegaConf.create({"train": {"device": "cpu"}, "trainer": "dpo_sweep"}),

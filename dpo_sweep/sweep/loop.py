@@ -1,7 +1,7 @@
 """The sweep loop: prepare everything before any trial, then run the trials (`trials`: ask, launch,
 tell) batch by batch, or each the moment a worker frees up (`dispatch`: the joblib launcher with
-`n_jobs > 1`), until the grid or `n_trials` is done. The end (results, table, plots, the parent's
-status) comes whatever happens."""
+`n_jobs > 1`), or with LoRA trials packed, several a process (`packs`: `pack > 1`), until the grid
+or `n_trials` is done. The end (results, table, plots, the parent's status) comes whatever happens."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from dpo_sweep.sweep.state import Sweep
 from dpo_sweep.sweep.study import (build_pruner, build_sampler, claim_folder, is_finished, open_storage, open_study,
                                    owner_id, recover_interrupted, storage_location)
 from dpo_sweep.sweep.dispatch import dispatches, run_dispatched
+from dpo_sweep.sweep.packs import launch_packed
 from dpo_sweep.sweep.summary import finish
 from dpo_sweep.sweep.trials import (ask_batch, ask_fixed, count_failed, launch, planned_trials, record,
                                     too_many_failures)
@@ -96,17 +97,22 @@ def set_sampler_and_pruner(sw: Sweep) -> None:
 
 def run_batches(sweeper, sw: Sweep) -> List[Sequence[Any]]:
     """Ask, launch and tell trials until the grid or `n_trials` is done: each the moment a worker
-    frees up when `dispatches` says so, else batch by batch. The launcher's results, launch by launch."""
-    planned = planned_trials(sw)
-    log.info("%d trials to run, %d at a time", planned, sw.settings.n_jobs)
+    frees up when `dispatches` says so, else batch by batch; with `pack` > 1, batches of
+    `pack * n_jobs` trials, those that can share a process packed. The results, launch by launch."""
+    planned, pack = planned_trials(sw), sw.settings.pack
+    log.info("%d trials to run, %d at a time%s", planned, sw.settings.n_jobs,
+             f", up to {pack} LoRA trials a process (hydra.sweeper.pack={pack})" if pack > 1 else "")
     if dispatches(sweeper, sw):
-        return run_dispatched(sweeper, sw, planned)
+        if pack == 1:
+            return run_dispatched(sweeper, sw, planned)
+        log.info("hydra.sweeper.pack=%d: trials run in batches of pack x n_jobs = %d, not each as a worker frees up "
+                 "(a pack is planned from the trials asked together)", pack, pack * sw.settings.n_jobs)
     returns, failed = [], 0
     while len(sw.asked) < planned:
-        batch = ask_batch(sw, min(sw.settings.n_jobs, planned - len(sw.asked)))
+        batch = ask_batch(sw, min(sw.settings.n_jobs * pack, planned - len(sw.asked)))
         if not batch:
             break
-        results = launch(sweeper, sw, batch)
+        results = launch(sweeper, sw, batch) if pack == 1 else launch_packed(sweeper, sw, batch)
         failed += count_failed(record(sw, batch, results))
         returns.append(results)
         error = too_many_failures(sw, failed, planned)

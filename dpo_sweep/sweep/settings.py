@@ -33,6 +33,7 @@ class SweepSettings:
     pruner_kwargs: Dict[str, Any]
     max_failure_rate: float
     params: Dict[str, Any] = field(default_factory=dict)
+    pack: int = 1  # LoRA trials trained together in one process (dpo_sweep.packing)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "SweepSettings":
@@ -42,7 +43,7 @@ class SweepSettings:
             storage=s.get("storage"), sampler=s["sampler"]["name"], seed=s["sampler"].get("seed"),
             sampler_kwargs=s["sampler"].get("kwargs") or {}, pruner=s["pruner"]["name"],
             pruner_kwargs=s["pruner"].get("kwargs") or {}, max_failure_rate=s.get("max_failure_rate", 0.5),
-            params=s.get("params") or {},
+            params=s.get("params") or {}, pack=s.get("pack", 1),
         )
         settings.check()
         return settings
@@ -54,6 +55,7 @@ class SweepSettings:
 
         need(self.n_trials is None or self.n_trials >= 1, "n_trials", self.n_trials, "null (the full grid) or >= 1")
         need(self.n_jobs >= 1, "n_jobs", self.n_jobs, "an integer >= 1")
+        need(self.pack >= 1, "pack", self.pack, "an integer >= 1 (1: each trial its own run)")
         need(self.sampler in SAMPLERS, "sampler.name", self.sampler, "one of " + ", ".join(SAMPLERS))
         need(self.pruner in PRUNERS, "pruner.name", self.pruner, "one of " + ", ".join(PRUNERS))
         need(0 <= self.max_failure_rate <= 1, "max_failure_rate", self.max_failure_rate, "0 <= value <= 1")

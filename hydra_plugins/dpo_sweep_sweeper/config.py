@@ -35,6 +35,10 @@ class DPOOptunaSweeperConf:
     # Trials running at a time through hydra/launcher (joblib: in parallel, a new one as soon as one
     # ends; other launchers: in batches).
     n_jobs: int = 1
+    # LoRA trials trained together in one process over one frozen base model; 1: each trial its
+    # own run. > 1: trials that differ only in beta, loss.*, optimizer.lr, optimizer.weight_decay,
+    # model.lora.r or model.lora.alpha share a process, up to this many; batches of pack x n_jobs.
+    pack: int = 1
     # null: the sweep folder's name. Rerunning with the same folder (hydra.sweep.dir) resumes.
     study_name: Optional[str] = None
     # null: a journal file <sweep folder>/optuna.journal. A file path: a journal there (shared
