@@ -141,12 +141,19 @@ class GenEvaluator:
         return self.reference_model.disable_adapter() if self.adapters_off else contextlib.nullcontext()
 
     def _sample(self, model) -> List[List[int]]:
-        answers: List[List[int]] = []
+        return self.sample_groups(model, 1)[0]
+
+    def sample_groups(self, model, groups: int) -> List[List[List[int]]]:
+        """The answers of `groups` policies at once, one list each: a packed model whose trials
+        each take a block of the batch (each block draws as that policy would alone)."""
+        answers: List[List[List[int]]] = [[] for _ in range(groups)]
         g = self.gen
         for start in range(0, len(self.prompts), self.batch_size):
-            answers += generate(model, self.prompts[start : start + self.batch_size], self.tokenizer.eos_token_id,
-                                self.tokenizer.pad_token_id, g.max_new_tokens, g.temperature, g.seed + start,
-                                autocast=self.autocast)
+            prompts = self.prompts[start : start + self.batch_size]
+            out = generate(model, prompts * groups, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                           g.max_new_tokens, g.temperature, g.seed + start, autocast=self.autocast, groups=groups)
+            for j in range(groups):
+                answers[j] += out[j * len(prompts) : (j + 1) * len(prompts)]
         return answers
 
     def _logps(self, model, answers: Sequence[Sequence[int]]) -> List[float]:
@@ -157,9 +164,10 @@ class GenEvaluator:
 
     # -- each eval
 
-    def evaluate(self, policy) -> Dict[str, float]:
-        """The eval/gen/* metrics of the policy now; the samples are kept in `last_rows`."""
-        answers = self._sample(policy)
+    def evaluate(self, policy, answers: Optional[List[List[int]]] = None) -> Dict[str, float]:
+        """The eval/gen/* metrics of the policy now (of its `answers` when sampled already,
+        `sample_groups`); the samples are kept in `last_rows`."""
+        answers = self._sample(policy) if answers is None else answers
         texts = self._texts(answers)
         policy_logps = self._logps(policy, answers)
         with self._reference_weights():

@@ -29,12 +29,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     return ids.to(device), mask.to(device)
 
 
-def next_tokens(logits: Tensor, temperature: float, generator: Optional[torch.Generator]) -> Tensor:
-    """(B, V) -> (B,): argmax at temperature 0, else a draw from softmax(logits / temperature)."""
+def next_tokens(logits: Tensor, temperature: float, generators: Sequence[Optional[torch.Generator]]) -> Tensor:
+    """(B, V) -> (B,): argmax at temperature 0, else a draw from softmax(logits / temperature);
+    the rows in len(generators) equal blocks, each drawn with its own generator."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+    blocks = probs.chunk(len(generators)) if len(generators) > 1 else [probs]
+    draws = [torch.multinomial(block, 1, generator=g).squeeze(-1) for block, g in zip(blocks, generators)]
+    return torch.cat(draws).to(logits.device)
 
 
 @torch.no_grad()
@@ -48,13 +51,16 @@ def generate(
     seed: int = 0,
     use_cache: bool = True,
     autocast: Optional[Callable[[], ContextManager]] = None,
+    groups: int = 1,
 ) -> List[List[int]]:
     """Each prompt's answer as token ids, up to and including EOS (or `max_new_tokens` tokens).
 
     `use_cache=False` runs the whole sequence again at every step (the slow reference the cached
-    path is tested against)."""
+    path is tested against). `groups`: the prompts are that many equal blocks (a packed model's
+    trials, each block through its own adapter), each sampled with a generator of its own seeded
+    `seed`, so that each block's answers are those it would get alone."""
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    generators = [torch.Generator().manual_seed(seed) if temperature > 0 else None for _ in range(groups)]
     ids, mask = left_pad(prompts, pad_id, device)  # (B, P)
     B = ids.shape[0]
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, N)
@@ -66,7 +72,7 @@ def generate(
         with context:
             logits, past = _forward(model, ids, mask, None, use_cache)
             for t in range(max_new_tokens):
-                token = next_tokens(logits, temperature, generator)  # (B,)
+                token = next_tokens(logits, temperature, generators)  # (B,)
                 token = torch.where(done, torch.full_like(token, pad_id), token)
                 out[:, t] = token
                 done |= token == eos_id

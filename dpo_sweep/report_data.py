@@ -164,7 +164,7 @@ def to_trial(uri: str, number: int, run: tracking.RunSummary, metrics: Sequence[
     built = tuple(k for k in run.tags.get(names.CACHES_BUILT, "").split(",") if k)
     trial = Trial(number, state, values=values if state == "COMPLETE" else None,
                   interrupted=results.is_interrupted(state, run.tags), duration_s=duration,
-                  error=run.tags.get(names.ERROR), built=built, run=run)
+                  error=run.tags.get(names.ERROR), built=built, pack=run.tags.get(names.PACK, ""), run=run)
     if state == "PRUNED" and len(metrics) == 1:
         history = tracking.metric_history(uri, run.run_id, metrics[0])
         trial.last_report = history[-1] if history else None

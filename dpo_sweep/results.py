@@ -42,6 +42,7 @@ class TrialResult:
     last_report: Optional[Tuple[int, float]] = None  # (step, value) of a pruned trial's last eval
     duration_s: Optional[float] = None
     built: Tuple[str, ...] = ()  # the shared caches the trial built (sft, reflogps, refsamples): in its duration
+    pack: str = ""  # the trials it trained beside in one process (hydra.sweeper.pack), "4,5,6,7"; "" alone
     error: Optional[str] = None
 
     @property
@@ -128,15 +129,20 @@ def param_columns(keys: Sequence[str]) -> List[Column]:
 TRIAL = ("trial", lambda t: str(t.number))
 STATE = ("state", lambda t: t.label)
 OBJECTIVE = ("objective", objective_cell)
-DURATION = ("duration", lambda t: fmt_duration(t.duration_s) + (" *" if t.built else ""))
+DURATION = ("duration", lambda t: fmt_duration(t.duration_s) + (" *" if t.built else "") + (" +" if t.pack else ""))
 DURATION_NOTE = ("* built the shared caches ({kinds}) that the other trials loaded: its duration includes them; "
                  "the others' cover start-up, training and evaluation")
+PACK_NOTE = ("+ trained in a pack (trials {packs}), one process over one base model: its duration is the whole "
+             "pack's, shared with the trials beside it")
 
 
 def duration_note(trials: Sequence[TrialResult]) -> Optional[str]:
-    """The footnote of the duration column, when a trial built caches."""
+    """The footnotes of the duration column, when a trial built caches or trained in a pack."""
     kinds = sorted({k for t in trials for k in t.built})
-    return DURATION_NOTE.format(kinds=", ".join(CACHE_NAMES.get(k, k) for k in kinds)) if kinds else None
+    packs = sorted({t.pack for t in trials if t.pack}, key=lambda p: [int(n) for n in p.split(",") if n.isdigit()])
+    notes = [DURATION_NOTE.format(kinds=", ".join(CACHE_NAMES.get(k, k) for k in kinds))] if kinds else []
+    notes += [PACK_NOTE.format(packs="; ".join(packs))] if packs else []
+    return "\n".join(notes) or None
 
 
 CACHE_NAMES = {"sft": "SFT weights", "reflogps": "reference log-probs", "refsamples": "reference samples"}

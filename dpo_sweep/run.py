@@ -6,28 +6,26 @@ only then is a model loaded.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import shutil
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_sweep import cache_files, checkpoint, console, distributed, models, names, paths, reference, tracking
-from dpo_sweep.config import ConfigError, objective_spec, validate
+from dpo_sweep.config import ConfigError, validate
 from dpo_sweep.gen_eval import build_gen_eval
 from dpo_sweep.logprobs import apply_prompt_sharing, decide_prompt_sharing
+from dpo_sweep.outcome import Objective, objective_values, record_results, write_results  # noqa: F401 (importable here)
 from dpo_sweep.pairs import DataError
 from dpo_sweep.setup import RunSetup, prepare_run
 from dpo_sweep.sft import sft_stage
 from dpo_sweep.trainer import EvalCallback, Trainer, TrialStopped
 
 log = logging.getLogger(__name__)
-Objective = Union[float, Tuple[float, ...]]  # one value, or one per metric of a multi-objective sweep
 
 
 def seed_everything(seed: int) -> None:
@@ -123,32 +121,6 @@ def run_trial(cfg: DictConfig, out_dir: Optional[str] = None, on_eval: Sequence[
         distributed.close()
 
 
-def record_results(cfg: DictConfig, out_dir: str, tracker, metrics: Dict[str, float], step: int, files: List[str],
-                   built: List[str], write: bool = True) -> Objective:
-    """A finished run's results: metrics.json (when `write`), then its MLflow run: the `files`,
-    the caches it `built`, the final metrics and saved config, the saved model. Returns the
-    objective."""
-    objective = objective_values(cfg, metrics)
-    if write:  # the results on disk first: a store that refuses them (full) loses nothing
-        spec = [m for m, _ in objective_spec(cfg)]  # `auto` resolved
-        metric = spec if OmegaConf.is_list(cfg.objective.metric) else spec[0]
-        write_results(out_dir, {"objective": objective, "objective_metric": metric, "step": step,
-                                "metrics": metrics, names.CACHES_BUILT: built})
-        checkpoints = paths.checkpoint_dir(out_dir)
-        if cfg.trainer == "dpo_sweep" and os.path.isdir(checkpoints):
-            shutil.rmtree(checkpoints)  # finished: the checkpoint is no longer needed
-    if tracker:
-        for path in files:
-            tracker.log_artifact(path)
-        if built:
-            tracker.set_tags({names.CACHES_BUILT: ",".join(built)})
-        tracking.log_results(tracker, out_dir, objective)
-        if cfg.train.save_model and os.path.isdir(paths.model_dir(out_dir)):  # the UI's Model column
-            model_id = tracker.log_model(paths.model_dir(out_dir), name="dpo-policy", step=step)
-            log.info("model logged to MLflow: models:/%s", model_id)
-    return objective
-
-
 # ---------------------------------------------------------------------------- the command line
 
 # Errors that say what to change (a config value, a data row, a file): one line, no traceback.
@@ -174,27 +146,6 @@ def run_from_cli(cfg: DictConfig) -> Objective:
     if distributed.is_main():
         print(console.run_summary(cfg, record), flush=True)
     return objective
-
-
-def write_results(out_dir: str, result: Dict[str, Any]) -> None:
-    """metrics.json, whole or not at all: a sweep's resume takes a run that has one as finished."""
-    path = paths.metrics_file(out_dir)
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(f"{path}.tmp", path)
-
-
-def objective_values(cfg: DictConfig, metrics: Dict[str, float]) -> Objective:
-    """The objective metric's final value, or a tuple of them for a multi-objective config."""
-    values = []
-    for metric, _ in objective_spec(cfg):
-        if metric not in metrics:
-            raise ConfigError(
-                f"config key 'objective.metric' = {metric!r}: not a metric of this run; "
-                f"expected one of {', '.join(sorted(metrics))}"
-            )
-        values.append(metrics[metric])
-    return tuple(values) if OmegaConf.is_list(cfg.objective.metric) else values[0]
 
 
 def sweep_callbacks(cfg: DictConfig, total_steps: int) -> List[EvalCallback]:

@@ -46,6 +46,19 @@ def test_the_same_seed_gives_the_same_samples(tiny_model, tokenizer):
     assert torch.equal(state, torch.get_rng_state())  # training's random state is untouched
 
 
+def test_each_group_of_a_batch_samples_as_it_would_alone(tiny_model, tokenizer):
+    """groups=3 (a packed model's trials, one block of rows each): every block draws with its own
+    generator of the same seed, so each gets the answers the prompts get alone."""
+    ps = prompts(tokenizer)
+    alone = generate(tiny_model, ps, tokenizer.eos_token_id, tokenizer.pad_token_id, 16, temperature=1.0, seed=7)
+    together = generate(tiny_model, ps * 3, tokenizer.eos_token_id, tokenizer.pad_token_id, 16, temperature=1.0,
+                        seed=7, groups=3)
+    assert together == alone * 3
+    one_generator = generate(tiny_model, ps * 3, tokenizer.eos_token_id, tokenizer.pad_token_id, 16,
+                             temperature=1.0, seed=7)
+    assert one_generator != alone * 3  # one generator for all rows would draw differently
+
+
 def test_an_answer_stops_at_its_first_eos(tokenizer):
     """Once EOS is the likeliest token after two answer tokens, every answer is those two
     tokens and EOS: nothing after it."""

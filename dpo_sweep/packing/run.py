@@ -10,10 +10,11 @@ trial, leader first: {"trial", "state": COMPLETE | PRUNED | FAIL, "value", "erro
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -57,7 +58,29 @@ def run_pack_job(cfg: DictConfig) -> List[Outcome]:
     sweep_dir = str(hc.sweep.dir)
     cfgs = member_configs(cfg, sweep_dir)
     out_dirs = [hc.runtime.output_dir] + [paths.trial_dir(sweep_dir, n) for n in cfg.sweep.pack]
-    return run_pack(cfgs, out_dirs, hc.runtime.cwd)
+    with member_logs(out_dirs[1:]):
+        return run_pack(cfgs, out_dirs, hc.runtime.cwd)
+
+
+@contextlib.contextmanager
+def member_logs(folders: Sequence[str]) -> Iterator[None]:
+    """The pack's log also in each other member's folder, in the file Hydra gives a job's log
+    (its leader's job log file, by name and format): every trial folder has its log."""
+    root = logging.getLogger()
+    files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    added = []
+    for folder in folders if files else []:
+        handler = logging.FileHandler(os.path.join(folder, os.path.basename(files[0].baseFilename)))
+        handler.setFormatter(files[0].formatter)
+        handler.setLevel(files[0].level)
+        root.addHandler(handler)
+        added.append(handler)
+    try:
+        yield
+    finally:
+        for handler in added:
+            root.removeHandler(handler)
+            handler.close()
 
 
 def run_pack(cfgs: Sequence[DictConfig], out_dirs: Sequence[str], cwd: Optional[str] = None) -> List[Outcome]:
@@ -178,8 +201,8 @@ def _resume(trainer: PackedTrainer, lane: Lane, out_dir: str, tracker) -> None:
 
 
 def _finish(trainer: PackedTrainer, lane: Lane, tokenizer, out_dir: str, tracker, built: List[str]) -> Outcome:
-    """A lane's results on disk and in MLflow, as a lone trial's (run.record_results); its outcome."""
-    from dpo_sweep.run import record_results
+    """A lane's results on disk and in MLflow, as a lone trial's (outcome.record_results); its outcome."""
+    from dpo_sweep.outcome import record_results
 
     trial = lane.cfg.sweep.trial_number
     if lane.running:  # not finished, not failed: nothing else ends a lane

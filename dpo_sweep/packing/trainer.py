@@ -230,6 +230,7 @@ class PackedTrainer:
             with self.autocast():
                 for lane, losses, metrics in self._losses(live, idx, [self.eval_pairs[i] for i in idx], "eval"):
                     per_pair[lane.name].append(dict(metrics, loss=losses))
+        answers = self._sample([lane for lane in lanes if lane.running and lane.gen_eval is not None])
         out = {}
         for lane in lanes:
             if not lane.running:
@@ -238,10 +239,19 @@ class PackedTrainer:
                 metrics = {f"eval/{k}": v for k, v in _mean(per_pair[lane.name], self.device, across_ranks=False).items()}
                 if lane.gen_eval is not None:
                     with self.router.route([lane.name]):
-                        metrics.update(lane.gen_eval.evaluate(self.policy))
+                        metrics.update(lane.gen_eval.evaluate(self.policy, answers.get(lane.name)))
                 out[lane.name] = metrics
         self.policy.train()
         return out
+
+    def _sample(self, lanes: Sequence[Lane]) -> Dict[str, List[List[int]]]:
+        """The lanes' answers to the eval prompts, sampled together: one batched generate, each
+        lane's block of rows through its adapter (its answers are those it samples alone)."""
+        if not lanes:
+            return {}
+        with self.router.route([lane.name for lane in lanes]):
+            answers = lanes[0].gen_eval.sample_groups(self.policy, len(lanes))
+        return {lane.name: a for lane, a in zip(lanes, answers)}
 
     def eval_and_report(self, lanes: Sequence[Lane]) -> None:
         """Evaluate, log, and hand each lane's metrics to its callbacks (its pruner may stop it)."""

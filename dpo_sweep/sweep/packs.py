@@ -63,6 +63,10 @@ def launch_packed(sweeper, sw: Sweep, batch: List[optuna.Trial]) -> List[Any]:
         for i in unit:
             slots[i] = slot  # a member runs in its leader's process: its job is pinned as the leader's
     jobs = prepare_launch(sweeper, sw, batch, slots)
+    for unit in units:
+        if len(unit) > 1:  # the tables' duration footnote: these trials share one process and its time
+            for i in unit:
+                batch[i].set_user_attr(names.PACK, ",".join(str(batch[j].number) for j in unit))
     try:
         for unit in units:
             for i in unit[1:]:

@@ -85,7 +85,7 @@ def to_result(trial: FrozenTrial) -> results.TrialResult:
         interrupted=results.is_interrupted(state, trial.user_attrs),
         last_report=(last, trial.intermediate_values[last]) if last is not None else None,
         duration_s=trial.duration.total_seconds() if trial.duration else None,
-        error=trial.user_attrs.get(names.ERROR), built=caches_built(trial),
+        error=trial.user_attrs.get(names.ERROR), built=caches_built(trial), pack=trial.user_attrs.get(names.PACK, ""),
     )
 
 
