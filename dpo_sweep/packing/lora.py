@@ -61,16 +61,41 @@ def _routed_forward(module: torch.nn.Module, router: Router):
         if names is None:
             raise RuntimeError("a packed model runs inside Router.route(): which adapter takes which rows")
         result = module.base_layer(x, *args, **kwargs)  # (K*R, ..., out): the frozen weights once
-        rows = x.shape[0] // len(names)
-        deltas = []
-        for j, name in enumerate(names):
-            lora_a, lora_b = module.lora_A[name], module.lora_B[name]
-            part = module._cast_input_dtype(x[j * rows : (j + 1) * rows], lora_a.weight.dtype)  # (R, ..., in)
-            deltas.append(lora_b(lora_a(module.lora_dropout[name](part))) * module.scaling[name])  # (R, ..., out)
-        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=0)  # (K*R, ..., out)
+        if len(names) > 1 and _stackable(module, names):
+            delta = _stacked_delta(module, names, x).reshape(result.shape)
+        else:
+            rows = x.shape[0] // len(names)
+            deltas = []
+            for j, name in enumerate(names):
+                lora_a, lora_b = module.lora_A[name], module.lora_B[name]
+                part = module._cast_input_dtype(x[j * rows : (j + 1) * rows], lora_a.weight.dtype)  # (R, ..., in)
+                deltas.append(lora_b(lora_a(module.lora_dropout[name](part))) * module.scaling[name])  # (R, ..., out)
+            delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=0)  # (K*R, ..., out)
         return (result + delta).to(result.dtype)
 
     return forward
+
+
+def _stackable(module: torch.nn.Module, names: Sequence[str]) -> bool:
+    """Whether the adapters `names` of a layer go through one batched product: the same rank and
+    dtype, no dropout (packed trials have none: a lone run could not draw the same masks)."""
+    weights = [module.lora_A[n].weight for n in names]
+    return (len({(w.shape, w.dtype) for w in weights}) == 1
+            and all(isinstance(module.lora_dropout[n], torch.nn.Identity) for n in names))
+
+
+def _stacked_delta(module: torch.nn.Module, names: Sequence[str], x: Tensor) -> Tensor:
+    """The K adapters' updates in two batched products (a few kernels whatever K is, where a
+    loop would launch K times as many): x (K*R, ..., in) -> (K, R*..., out)."""
+    K = len(names)
+    a = torch.stack([module.lora_A[n].weight for n in names])  # (K, r, in)
+    b = torch.stack([module.lora_B[n].weight for n in names])  # (K, out, r)
+    xs = module._cast_input_dtype(x, a.dtype).reshape(K, -1, x.shape[-1])  # (K, R*..., in): lane j's rows
+    delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))  # (K, R*..., out)
+    scales = [module.scaling[n] for n in names]
+    if len(set(scales)) == 1:
+        return delta * scales[0]
+    return delta * torch.tensor(scales, dtype=delta.dtype, device=delta.device)[:, None, None]
 
 
 def lora_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
