@@ -21,8 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, List, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -31,57 +30,14 @@ from tqdm.auto import tqdm
 from dpo_sweep import checkpoint, paths, tracking
 from dpo_sweep.batching import collate, collate_shared
 from dpo_sweep.logprobs import PromptSharing, batch_logps
-from dpo_sweep.packing.lora import LaneView, Router, lane_parameters
+from dpo_sweep.packing.lanes import Lane, LaneLogps, OncePerBatch
+from dpo_sweep.packing.lora import Router, lane_parameters
 from dpo_sweep.pairs import Pair
 from dpo_sweep.steps import epoch_order, eval_batches, lr_factor, steps_per_epoch
 from dpo_sweep.trainer import DPOObjective, EvalCallback, TrainingError, TrialStopped, _mean, optimizer_for
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
-LaneLogps = Tuple[Tensor, Tensor]  # one lane's (logps (2B,), counts (2B,)), chosen first
-
-
-@dataclass
-class Lane:
-    """One trial of the pack: what it trains with and how far it got."""
-
-    cfg: DictConfig
-    name: str  # its adapter
-    label: str  # "trial 5", for the log
-    objective: DPOObjective
-    params: List[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    log_metrics: Callable[[Dict[str, float], int], None]
-    on_eval: List[EvalCallback]
-    gen_eval: object = None  # a gen_eval.GenEvaluator of its own (the reference samples shared)
-    step: int = 0
-    history: List[Dict[str, float]] = field(default_factory=list)
-    checkpoint_dir: Optional[str] = None
-    error: Optional[BaseException] = None  # why it left the pack (TrialStopped: pruned)
-    metrics: Dict[str, float] = field(default_factory=dict)  # final: last train and final eval metrics
-    finished: bool = False
-
-    @property
-    def running(self) -> bool:
-        return self.error is None and not self.finished
-
-    def view(self, model: torch.nn.Module) -> LaneView:
-        return LaneView(model, self.name)
-
-
-class OncePerBatch:
-    """A live reference shared by the lanes: its log-probs of a batch are computed once, for the
-    first lane that asks, and handed to the others."""
-
-    def __init__(self, reference):
-        self.reference, self._key, self._out = reference, None, None
-
-    def logps(self, batch: Dict[str, Tensor], split: str, idx: Sequence[int]):
-        key = (split, tuple(idx))
-        if key != self._key:
-            self._key, self._out = key, self.reference.logps(batch, split, idx)
-        return self._out
 
 
 class PackedTrainer:
