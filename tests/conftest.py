@@ -141,10 +141,12 @@ def postgres_url():
 # Test files that run whole sweeps, servers or killed processes: tens of seconds to minutes each.
 # They are collected first, so that the two workers (pyproject.toml: -n 2 --dist loadfile) share
 # them and end together with the quick files, instead of one worker finishing a long file alone.
-LONG_FILES = ("test_sweep.py", "test_faults.py", "test_scale_out.py", "test_distributed.py", "test_resume_faults.py",
+LONG_FILES = ("test_sweep.py", "test_faults.py", "test_pack_sweep.py", "test_scale_out.py", "test_distributed.py",
+              "test_resume_faults.py",
               "test_newcomer.py", "test_reproduce.py", "test_run.py", "test_credentials.py", "test_preflight.py",
               "test_sweep_folders.py", "test_trl_parity.py", "test_dispatch.py", "test_ui_browser.py",
-              "test_mlflow_conventions.py", "test_report.py", "test_experiments.py", "test_trl_backend.py")
+              "test_mlflow_conventions.py", "test_report.py", "test_experiments.py", "test_trl_backend.py",
+              "test_packing.py")
 
 
 def pytest_collection_modifyitems(items):
