@@ -197,6 +197,9 @@ class SweepTrialConfig:
     # Packed trials (hydra.sweeper.pack): the numbers of the other trials of this sweep that this
     # process trains beside this one, over one frozen base model; their configs are in their folders.
     pack: Optional[List[int]] = None
+    # Trials of the pack that go through the model together (hydra.sweeper.pack_forward); null:
+    # all of them on a GPU, one at a time on a CPU.
+    pack_forward: Optional[int] = None
 
 
 @dataclass

@@ -34,12 +34,13 @@ def alone(cfg):
     return trainer, metrics
 
 
-@pytest.mark.parametrize("share_prompt", ["true", "false"])
-def test_each_packed_trial_equals_the_same_trial_alone(tmp_path, monkeypatch, share_prompt):
-    """Per-step train metrics and final metrics (pairwise and generated) within 1e-5 in fp32."""
+@pytest.mark.parametrize("share_prompt,per_forward", [("true", 0), ("false", 0), ("true", 1)])
+def test_each_packed_trial_equals_the_same_trial_alone(tmp_path, monkeypatch, share_prompt, per_forward):
+    """Per-step train metrics and final metrics (pairwise and generated) within 1e-5 in fp32, with
+    the trials through the model together (per_forward 0: a GPU's default) or one at a time (a CPU's)."""
     monkeypatch.chdir(tmp_path)
     cfgs = configs([f"train.share_prompt={share_prompt}"])
-    packed, _ = build_pack(cfgs, None, [None] * 3)
+    packed, _ = build_pack(cfgs, None, [None] * 3, per_forward)
     packed.fit()
     assert [lane.finished for lane in packed.lanes] == [True] * 3
     for cfg, lane in zip(cfgs, packed.lanes):
@@ -64,7 +65,7 @@ def test_gradients_never_leak_between_adapters(tmp_path, monkeypatch):
     after = []
     for beta in ("0.1", "0.9"):
         cfgs = configs(["eval.gen.enabled=false"], [TRIALS[0], [f"beta={beta}", "optimizer.lr=1e-3"]])
-        trainer, _ = build_pack(cfgs, None, [None, None])
+        trainer, _ = build_pack(cfgs, None, [None, None], per_forward=0)  # one forward for both
         for step in range(2):
             trainer.train_step(trainer.lanes, trainer.step_batches(step))
         after.append([[p.detach().clone() for p in lane.params] for lane in trainer.lanes])
@@ -77,7 +78,7 @@ def test_a_failed_or_pruned_trial_leaves_the_pack_and_the_others_go_on(tmp_path,
     monkeypatch.chdir(tmp_path)
     trials = [TRIALS[0], ["beta=0.1", "optimizer.lr=1e30", "train.max_grad_norm=0"], TRIALS[1]]
     cfgs = configs(["eval.gen.enabled=false"], trials)
-    trainer, _ = build_pack(cfgs, None, [None] * 3)
+    trainer, _ = build_pack(cfgs, None, [None] * 3, per_forward=0)
 
     def prune(step, metrics):
         raise TrialStopped(f"pruned at step {step}")

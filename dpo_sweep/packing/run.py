@@ -39,7 +39,7 @@ def member_configs(cfg: DictConfig, sweep_dir: str) -> List[DictConfig]:
     from dpo_sweep.schema import DPOSweepConfig
 
     leader = copy.deepcopy(cfg)
-    leader.sweep.pack = None
+    leader.sweep.pack, leader.sweep.pack_forward = None, None
     cfgs = [leader]
     for number in cfg.sweep.pack:
         path = os.path.join(paths.hydra_dir(paths.trial_dir(sweep_dir, number)), "config.yaml")
@@ -59,7 +59,7 @@ def run_pack_job(cfg: DictConfig) -> List[Outcome]:
     cfgs = member_configs(cfg, sweep_dir)
     out_dirs = [hc.runtime.output_dir] + [paths.trial_dir(sweep_dir, n) for n in cfg.sweep.pack]
     with member_logs(out_dirs[1:]):
-        return run_pack(cfgs, out_dirs, hc.runtime.cwd)
+        return run_pack(cfgs, out_dirs, hc.runtime.cwd, per_forward=cfg.sweep.pack_forward)
 
 
 @contextlib.contextmanager
@@ -83,9 +83,11 @@ def member_logs(folders: Sequence[str]) -> Iterator[None]:
             handler.close()
 
 
-def run_pack(cfgs: Sequence[DictConfig], out_dirs: Sequence[str], cwd: Optional[str] = None) -> List[Outcome]:
+def run_pack(cfgs: Sequence[DictConfig], out_dirs: Sequence[str], cwd: Optional[str] = None,
+             per_forward: Optional[int] = None) -> List[Outcome]:
     """Train the trials `cfgs` (each run folder in `out_dirs`) together; one outcome per trial.
-    An error that is no single trial's (the data, the model) fails them all, and raises."""
+    `per_forward` of them go through the model together (None: all on a GPU, one on a CPU). An
+    error that is no single trial's (the data, the model) fails them all, and raises."""
     from dpo_sweep.run import seed_everything
 
     for cfg in cfgs:
@@ -100,7 +102,7 @@ def run_pack(cfgs: Sequence[DictConfig], out_dirs: Sequence[str], cwd: Optional[
     crashed = True
     try:
         written = len(cache_files.WRITTEN)
-        trainer, tokenizer = build_pack(cfgs, cwd, trackers)
+        trainer, tokenizer = build_pack(cfgs, cwd, trackers, per_forward)
         lanes = trainer.lanes
         for lane, out_dir, tracker in zip(lanes, out_dirs, trackers):
             with trainer.own(lane):
@@ -141,7 +143,7 @@ def _start_run(cfg: DictConfig, out_dir: str, cwd: Optional[str], pack: str):
     return tracker
 
 
-def build_pack(cfgs: Sequence[DictConfig], cwd: Optional[str], trackers: Sequence[Any]):
+def build_pack(cfgs: Sequence[DictConfig], cwd: Optional[str], trackers: Sequence[Any], per_forward: Optional[int] = None):
     """Data (checked before any model loads), the base model with the first trial's adapter,
     reference and generation eval as a lone run of it builds them (so the caches are shared
     with lone runs), then one adapter per further trial, and the trainer with a lane each."""
@@ -162,8 +164,10 @@ def build_pack(cfgs: Sequence[DictConfig], cwd: Optional[str], trackers: Sequenc
     gen_eval = build_gen_eval(cfg, policy, run, cwd, None)  # the reference samples: adapters off, shared
     router = add_lanes(policy, [c.model.lora for c in cfgs], cfg.seed)
     models.configure_training(policy, t.gradient_checkpointing, t.compile)
+    if per_forward is None:  # a GPU gains from one forward for all; a CPU's products are compute-bound
+        per_forward = 0 if run.device.type == "cuda" else 1
     trainer = PackedTrainer(cfg, policy, router, ref, run.data.train, run.data.eval, run.tokenizer.pad_token_id,
-                            run.device, run.autocast, sharing)
+                            run.device, run.autocast, sharing, per_forward)
     for j, (c, tracker) in enumerate(zip(cfgs, trackers)):
         own_eval = copy.copy(gen_eval) if gen_eval is not None else None
         callbacks = []
@@ -174,9 +178,9 @@ def build_pack(cfgs: Sequence[DictConfig], cwd: Optional[str], trackers: Sequenc
         number = c.sweep.trial_number
         trainer.add_lane(c, lane_name(j), f"trial {number}" if number is not None else f"run {j}",
                          tracker.log_metrics if tracker else (lambda m, s: None), callbacks, own_eval)
-    log.info("pack of %d trials (%s) over one %s base model: %d LoRA adapters, %d optimizer steps each",
-             len(cfgs), ", ".join(lane.label for lane in trainer.lanes), cfg.model.name_or_path or "tiny",
-             len(cfgs), trainer.total_steps)
+    log.info("pack of %d trials (%s) over one %s base model: %d LoRA adapters, %d optimizer steps each, %s "
+             "through the model at a time", len(cfgs), ", ".join(lane.label for lane in trainer.lanes),
+             cfg.model.name_or_path or "tiny", len(cfgs), trainer.total_steps, per_forward or len(cfgs))
     return trainer, run.tokenizer
 
 

@@ -43,9 +43,11 @@ Tensor = torch.Tensor
 class PackedTrainer:
     def __init__(self, cfg: DictConfig, policy, router: Router, reference, train_pairs: List[Pair],
                  eval_pairs: List[Pair], pad_id: int, device: torch.device,
-                 autocast: Callable[[], ContextManager], sharing: PromptSharing):
-        """`cfg`: any lane's config (they share every setting used here: train.*, seed, data)."""
+                 autocast: Callable[[], ContextManager], sharing: PromptSharing, per_forward: int = 0):
+        """`cfg`: any lane's config (they share every setting used here: train.*, seed, data).
+        `per_forward`: lanes that go through the model together (0: all of them)."""
         self.cfg, self.t = cfg, cfg.train
+        self.per_forward = per_forward
         self.policy, self.router = policy, router
         self.reference = OncePerBatch(reference)
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
@@ -119,6 +121,11 @@ class PackedTrainer:
             R = 2 * B  # rows of a lane: G blocks of the same 2B rows
             return [(logps[j * R : (j + 1) * R], counts[j * R : (j + 1) * R]) for j in range(G)]
 
+    def together(self, lanes: Sequence[Lane]) -> List[List[Lane]]:
+        """The lanes in the groups that go through the model together (`per_forward` at most)."""
+        n = self.per_forward or len(lanes) or 1
+        return [list(lanes[i : i + n]) for i in range(0, len(lanes), n)]
+
     def _losses(self, lanes: Sequence[Lane], idx: Sequence[int], pairs: Sequence[Pair], split: str):
         """Each running lane's per-pair losses and metrics on one micro-batch."""
         batch = self._to_device(collate(pairs, self.pad_id))  # one lane's batch: what the reference reads
@@ -139,22 +146,28 @@ class PackedTrainer:
             live = [lane for lane in group if lane.running]
             if not live:
                 return
-            total = None
-            with self.autocast():
-                for lane, losses, metrics in self._losses(live, idx, [self.train_pairs[i] for i in idx], "train"):
-                    with self.own(lane):
-                        loss = losses.sum() / n_pairs
-                        if not torch.isfinite(loss):
-                            raise TrainingError(f"non-finite loss ({loss.item()}) at step {lane.step + 1}; lower "
-                                                f"optimizer.lr (= {lane.cfg.optimizer.lr}) or check the data")
-                        total = loss if total is None else total + loss  # each lane's own rows and adapter
-                        per_pair[lane.name].append(dict(metrics, loss=losses.detach()))
-                if total is not None:
-                    total.backward()
+            for lanes in self.together(live):
+                self._backward(lanes, idx, n_pairs, per_pair)
         for lane in group:
             if lane.running:
                 with self.own(lane):
                     self._step(lane, per_pair[lane.name])
+
+    def _backward(self, lanes: Sequence[Lane], idx: Sequence[int], n_pairs: int,
+                  per_pair: Dict[str, List[Dict[str, Tensor]]]) -> None:
+        """One forward of `lanes` on the micro-batch `idx`, their summed losses backpropagated once."""
+        total = None
+        with self.autocast():
+            for lane, losses, metrics in self._losses(lanes, idx, [self.train_pairs[i] for i in idx], "train"):
+                with self.own(lane):
+                    loss = losses.sum() / n_pairs
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"non-finite loss ({loss.item()}) at step {lane.step + 1}; lower "
+                                            f"optimizer.lr (= {lane.cfg.optimizer.lr}) or check the data")
+                    total = loss if total is None else total + loss  # each lane's own rows and adapter
+                    per_pair[lane.name].append(dict(metrics, loss=losses.detach()))
+            if total is not None:
+                total.backward()
 
     def _step(self, lane: Lane, per_pair: List[Dict[str, Tensor]]) -> None:
         max_norm = self.t.max_grad_norm if self.t.max_grad_norm > 0 else float("inf")
@@ -182,11 +195,13 @@ class PackedTrainer:
         self.policy.eval()
         per_pair: Dict[str, List[Dict[str, Tensor]]] = {lane.name: [] for lane in lanes}
         for idx in eval_batches(self.eval_pairs, self.t, self.sharing):
-            live = [lane for lane in lanes if lane.running]
-            with self.autocast():
-                for lane, losses, metrics in self._losses(live, idx, [self.eval_pairs[i] for i in idx], "eval"):
-                    per_pair[lane.name].append(dict(metrics, loss=losses))
-        answers = self._sample([lane for lane in lanes if lane.running and lane.gen_eval is not None])
+            for live in self.together([lane for lane in lanes if lane.running]):
+                with self.autocast():
+                    for lane, losses, metrics in self._losses(live, idx, [self.eval_pairs[i] for i in idx], "eval"):
+                        per_pair[lane.name].append(dict(metrics, loss=losses))
+        answers = {}
+        for sampling in self.together([lane for lane in lanes if lane.running and lane.gen_eval is not None]):
+            answers.update(self._sample(sampling))
         out = {}
         for lane in lanes:
             if not lane.running:

@@ -71,7 +71,7 @@ def launch_packed(sweeper, sw: Sweep, batch: List[optuna.Trial]) -> List[Any]:
         for unit in units:
             for i in unit[1:]:
                 write_member_folder(sweeper, sw, batch[i].number, jobs[i])
-        launched = [jobs[unit[0]] + ([pack_override([batch[i].number for i in unit[1:]])] if len(unit) > 1 else [])
+        launched = [jobs[unit[0]] + (pack_overrides(sw, [batch[i].number for i in unit[1:]]) if len(unit) > 1 else [])
                     for unit in units]
         returns = launch_units(sweeper, sw, batch, units, launched)
     except BaseException as e:  # Ctrl-C included: they run again when the sweep resumes
@@ -103,9 +103,11 @@ def plan_batch(sweeper, sw: Sweep, batch: List[optuna.Trial]) -> List[List[int]]
     return sorted([*packs, *([i] for i, _ in singles)])
 
 
-def pack_override(members: Sequence[int]) -> str:
-    """The override that makes a leader's job train its pack: `sweep.pack=[5,6,7]`."""
-    return f"{names.PACK}=[{','.join(map(str, members))}]"
+def pack_overrides(sw: Sweep, members: Sequence[int]) -> List[str]:
+    """The overrides that make a leader's job train its pack: `sweep.pack=[5,6,7]`, and how many
+    of them go through the model together when `hydra.sweeper.pack_forward` says."""
+    forward = sw.settings.pack_forward
+    return [f"{names.PACK}=[{','.join(map(str, members))}]"] + ([f"sweep.pack_forward={forward}"] if forward else [])
 
 
 def launch_units(sweeper, sw: Sweep, batch: List[optuna.Trial], units: List[List[int]],

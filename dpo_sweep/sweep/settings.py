@@ -34,6 +34,7 @@ class SweepSettings:
     max_failure_rate: float
     params: Dict[str, Any] = field(default_factory=dict)
     pack: int = 1  # LoRA trials trained together in one process (dpo_sweep.packing)
+    pack_forward: Optional[int] = None  # of them through the model together; None: the device decides
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "SweepSettings":
@@ -44,6 +45,7 @@ class SweepSettings:
             sampler_kwargs=s["sampler"].get("kwargs") or {}, pruner=s["pruner"]["name"],
             pruner_kwargs=s["pruner"].get("kwargs") or {}, max_failure_rate=s.get("max_failure_rate", 0.5),
             params=s.get("params") or {}, pack=s.get("pack", 1),
+            pack_forward=s.get("pack_forward"),
         )
         settings.check()
         return settings
@@ -56,6 +58,8 @@ class SweepSettings:
         need(self.n_trials is None or self.n_trials >= 1, "n_trials", self.n_trials, "null (the full grid) or >= 1")
         need(self.n_jobs >= 1, "n_jobs", self.n_jobs, "an integer >= 1")
         need(self.pack >= 1, "pack", self.pack, "an integer >= 1 (1: each trial its own run)")
+        need(self.pack_forward is None or self.pack_forward >= 1, "pack_forward", self.pack_forward,
+             "null (the device decides) or an integer >= 1")
         need(self.sampler in SAMPLERS, "sampler.name", self.sampler, "one of " + ", ".join(SAMPLERS))
         need(self.pruner in PRUNERS, "pruner.name", self.pruner, "one of " + ", ".join(PRUNERS))
         need(0 <= self.max_failure_rate <= 1, "max_failure_rate", self.max_failure_rate, "0 <= value <= 1")

@@ -39,6 +39,10 @@ class DPOOptunaSweeperConf:
     # own run. > 1: trials that differ only in beta, loss.*, optimizer.lr, optimizer.weight_decay,
     # model.lora.r or model.lora.alpha share a process, up to this many; batches of pack x n_jobs.
     pack: int = 1
+    # Trials of a pack that go through the model together in each forward pass. null: all of them
+    # on a GPU (the weights read once for all: the speed-up); one at a time on a CPU, where the
+    # products are compute-bound already and K trials' activations at once only cost memory.
+    pack_forward: Optional[int] = None
     # null: the sweep folder's name. Rerunning with the same folder (hydra.sweep.dir) resumes.
     study_name: Optional[str] = None
     # null: a journal file <sweep folder>/optuna.journal. A file path: a journal there (shared
