@@ -10,7 +10,7 @@ import logging
 import os
 import random
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -185,11 +185,22 @@ def build_trainer(cfg: DictConfig, cwd: Optional[str] = None, tracker=None, on_e
 
 
 def _resume(cfg: DictConfig, trainer: Trainer, out_dir: str, tracker) -> None:
-    """Checkpoints go to <run>/checkpoint/; with train.resume, continue from the one there, once
-    verified and found to be of the same settings (or train.resume_override). A checkpoint that
-    does not match its manifest (truncated, damaged) is an error naming it: the run stops rather
-    than start again from step 0 in the folder of the run it was asked to continue."""
+    """Checkpoints go to <run>/checkpoint/; with train.resume, continue from the one there."""
     trainer.checkpoint_dir = paths.checkpoint_dir(out_dir)
+
+    def load(path: str) -> List[Dict[str, float]]:
+        trainer.load_checkpoint(path, verified=True)
+        return trainer.history
+
+    resume_from_folder(cfg, out_dir, tracker, load)
+
+
+def resume_from_folder(cfg: DictConfig, out_dir: str, tracker, load: Callable[[str], List[Dict[str, float]]]) -> None:
+    """With train.resume, continue from the checkpoint in `out_dir` (`load(path)` restores it and
+    returns the history), once verified and found to be of the same settings (or
+    train.resume_override). A checkpoint that does not match its manifest (truncated, damaged) is
+    an error naming it: the run stops rather than start again from step 0 in the folder of the run
+    it was asked to continue."""
     path = paths.checkpoint_file(out_dir)
     if not cfg.train.resume:
         return
@@ -199,12 +210,12 @@ def _resume(cfg: DictConfig, trainer: Trainer, out_dir: str, tracker) -> None:
     try:
         record = checkpoint.verify(path)
         check_resume_settings(cfg, path, checkpoint.saved_settings(record))
-        trainer.load_checkpoint(path, verified=True)
+        history = load(path)
     except checkpoint.CheckpointError as e:  # truncated or damaged: an error, not a silent fresh start
-        raise checkpoint.CheckpointError(f"train.resume: {e}; remove {trainer.checkpoint_dir} to start from "
-                                         f"step 0") from e
+        raise checkpoint.CheckpointError(f"train.resume: {e}; remove {paths.checkpoint_dir(out_dir)} to start "
+                                         f"from step 0") from e
     if tracker:  # this MLflow run gets the whole curve, the steps before the checkpoint included
-        for step, metrics in enumerate(trainer.history, start=1):
+        for step, metrics in enumerate(history, start=1):
             if step % cfg.train.log_every == 0:
                 tracker.log_metrics(metrics, step)
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_sweep import cache_files, checkpoint, models, names, paths, tracking
+from dpo_sweep import cache_files, models, names, paths, tracking
 from dpo_sweep.config import validate
 from dpo_sweep.gen_eval import build_gen_eval
 from dpo_sweep.logprobs import apply_prompt_sharing, decide_prompt_sharing
@@ -186,22 +186,15 @@ def build_pack(cfgs: Sequence[DictConfig], cwd: Optional[str], trackers: Sequenc
 
 def _resume(trainer: PackedTrainer, lane: Lane, out_dir: str, tracker) -> None:
     """As a lone run resumes (run._resume): from the lane's checkpoint when train.resume."""
-    from dpo_sweep.run import check_resume_settings
+    from dpo_sweep.run import resume_from_folder
 
     lane.checkpoint_dir = paths.checkpoint_dir(out_dir)
-    path = paths.checkpoint_file(out_dir)
-    if not lane.cfg.train.resume or not os.path.exists(path):
-        return
-    try:
-        record = checkpoint.verify(path)
-        check_resume_settings(lane.cfg, path, checkpoint.saved_settings(record))
+
+    def load(path: str) -> List[Dict[str, float]]:
         trainer.load_checkpoint(lane, path, verified=True)
-    except checkpoint.CheckpointError as e:
-        raise checkpoint.CheckpointError(f"train.resume: {e}; remove {lane.checkpoint_dir} to start from step 0") from e
-    if tracker:
-        for step, metrics in enumerate(lane.history, start=1):
-            if step % lane.cfg.train.log_every == 0:
-                tracker.log_metrics(metrics, step)
+        return lane.history
+
+    resume_from_folder(lane.cfg, out_dir, tracker, load)
 
 
 def _finish(trainer: PackedTrainer, lane: Lane, tokenizer, out_dir: str, tracker, built: List[str]) -> Outcome:
