@@ -53,7 +53,8 @@ def test_reproduce_from_the_run_folder(finished_trial):
     check_identical(proc, folder, tmp / "again")
     config = yaml.safe_load((tmp / "again" / ".hydra" / "config.yaml").read_text())
     assert config["loss"]["name"] == "ipo" and config["beta"] == 0.3  # the saved config, not conf/'s defaults
-    assert config["sweep"] == {"storage": None, "study_name": None, "trial_number": None}  # no study to report to
+    assert config["sweep"] == {"storage": None, "study_name": None, "trial_number": None, "pack": None,
+                               "pack_forward": None}  # no study to report to
     overrides = (tmp / "again" / ".hydra" / "overrides.yaml").read_text()
     assert yaml.safe_load(overrides) == []  # nothing overrode the saved config, and no sweep override is kept
     assert f"# python -m dpo_sweep.reproduce {folder} --out {tmp / 'again'}" in overrides
