@@ -6,9 +6,11 @@ real SQLite MLflow store and Optuna journal; only the full disk is faked, at the
 import errno
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -231,3 +233,15 @@ def test_a_resume_with_other_settings_is_refused_naming_each_key_unless_overridd
         resume(other, "beta=0.3", "train.resume_override=true")
     assert "train.resume_override: resuming from" in caplog.text and "beta: 0.1 -> 0.3" in caplog.text
     assert json.loads((other / "metrics.json").read_text())["objective"] is not None
+
+
+def test_a_pid_that_a_later_process_took_is_not_its_old_owner():
+    """A sweeper or run killed long ago whose pid another process has since taken (pids wrap
+    around) is taken for dead: that process started after the trial or run was known to run."""
+    from dpo_sweep.tracking import owner_is_dead
+
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    assert not owner_is_dead(me)  # alive, and nothing known of when its owner ran
+    assert not owner_is_dead(me, since=time.time())  # this process ran before now: its own
+    assert owner_is_dead(me, since=time.time() - 3600)  # an owner known an hour before this process began
+    assert owner_is_dead(f"{socket.gethostname()}:{dead_pid()}", since=time.time())

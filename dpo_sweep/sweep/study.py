@@ -129,7 +129,8 @@ def recover_interrupted(study: optuna.Study, storage) -> List[FrozenTrial]:
     """Trials left RUNNING by a sweeper of this machine that died (killed, crashed): told FAIL
     and marked interrupted, so that they do not count and their grid points run again."""
     stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-             if tracking.owner_is_dead(str(t.user_attrs.get(names.OWNER, "")))]
+             if tracking.owner_is_dead(str(t.user_attrs.get(names.OWNER, "")),
+                                       since=t.datetime_start.timestamp() if t.datetime_start else None)]
     for t in stale:
         storage.set_trial_user_attr(trial_id(storage, study, t.number), names.INTERRUPTED, True)
         storage.set_trial_user_attr(trial_id(storage, study, t.number), names.ERROR, "interrupted: its sweeper died")

@@ -81,9 +81,11 @@ def process_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def owner_is_dead(owner: str) -> bool:
-    """True when `owner` ("host:pid") is a process of this machine that no longer runs. A process
-    of another machine, or an owner not recorded, is never taken for dead."""
+def owner_is_dead(owner: str, since: Optional[float] = None) -> bool:
+    """True when `owner` ("host:pid") is a process of this machine that no longer runs: no process
+    has that pid, or (given `since`, when the owner was known to run, in seconds since the epoch)
+    the process that has it now started later, the pid reused. A process of another machine, or an
+    owner not recorded, is never taken for dead."""
     import socket
 
     host, _, pid = owner.rpartition(":")
@@ -95,7 +97,20 @@ def owner_is_dead(owner: str) -> bool:
         return True
     except PermissionError:  # another user's process: alive
         return False
-    return False
+    started = process_start_time(int(pid))
+    return since is not None and started is not None and started > since + 1.0  # /proc's boot time: whole seconds
+
+
+def process_start_time(pid: int) -> Optional[float]:
+    """When process `pid` started, in seconds since the epoch (Linux /proc); None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rpartition(")")[2].split()[19])  # field 22, starttime, after the name
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def end_dead_runs(uri: str, experiment: str, folder: str, below: bool = False) -> List[str]:
@@ -112,7 +127,7 @@ def end_dead_runs(uri: str, experiment: str, folder: str, below: bool = False) -
         run_dir = run.tags.get(names.RUN_DIR, "")
         inside = run_dir.startswith(folder + os.sep) if below else run_dir == folder  # LIKE's _ matches any character
         owner = run.tags.get(names.RUN_OWNER, "")
-        if inside and owner_is_dead(owner):
+        if inside and owner_is_dead(owner, since=(run.start_time or 0) / 1000 or None):
             set_status(uri, run.run_id, "KILLED")
             log.warning("MLflow: run %s (%s) was left RUNNING by %s, which no longer runs; ended KILLED",
                         run.run_id, run.name, owner)
