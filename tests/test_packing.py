@@ -16,7 +16,7 @@ from dpo_sweep.trainer import TrialStopped
 
 pytest.importorskip("peft")
 
-BASE = ["model.lora.enabled=true", "train.max_steps=12", "train.eval_every=4", "train.progress=false",
+BASE = ["model.lora.enabled=true", "train.max_steps=8", "train.eval_every=4", "train.progress=false",
         "tracking.enabled=false", "sft.steps=40"]
 # Three trials that differ in everything a pack may hold: beta, learning rate, loss type, rank.
 TRIALS = [["beta=0.1", "optimizer.lr=2e-4", "loss=sigmoid"],
@@ -45,7 +45,7 @@ def test_each_packed_trial_equals_the_same_trial_alone(tmp_path, monkeypatch, sh
     assert [lane.finished for lane in packed.lanes] == [True] * 3
     for cfg, lane in zip(cfgs, packed.lanes):
         trainer, metrics = alone(cfg)
-        assert len(lane.history) == len(trainer.history) == 12
+        assert len(lane.history) == len(trainer.history) == 8
         for step, (ours, theirs) in enumerate(zip(lane.history, trainer.history), start=1):
             assert ours.keys() == theirs.keys()
             for key in theirs:
@@ -86,8 +86,8 @@ def test_a_failed_or_pruned_trial_leaves_the_pack_and_the_others_go_on(tmp_path,
     trainer.lanes[2].on_eval.append(prune)
     trainer.fit()
     ok, diverged, pruned = trainer.lanes
-    assert ok.finished and ok.error is None and ok.step == 12
-    assert "non-finite" in str(diverged.error) and diverged.step < 12
+    assert ok.finished and ok.error is None and ok.step == 8
+    assert "non-finite" in str(diverged.error) and diverged.step < 8
     assert isinstance(pruned.error, TrialStopped) and pruned.step == 4
     _, metrics = alone(cfgs[0])
     for key in metrics:
